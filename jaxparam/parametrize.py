@@ -1,0 +1,842 @@
+"""PyTorch's ``torch.nn.utils.parametrize`` for Flax NNX modules.
+
+In plain words (the invariants this file keeps):
+
+- Registering a parametrization on ``module.kernel`` moves the ``Variable`` that
+  was there into ``module.parametrizations.kernel.original`` (same Variable type,
+  same metadata; ``original0``, ``original1``, ... when ``right_inverse`` returns a
+  sequence) and swaps the module's class for ``Parametrized<Class>``, a subclass
+  whose ``kernel`` property computes ``chain(original)``.
+- ``module.parametrizations.kernel`` is a :class:`ParametrizationList`: an
+  ``nnx.Module`` holding the originals and the chain's links under ``"0"``, ``"1"``,
+  ... so the state tree reads ``parametrizations/kernel/original`` and
+  ``parametrizations/kernel/0/<link state>``, as torch's ``state_dict`` does.
+- Reading gives a :class:`~jaxparam.ParametrizedValue` (a read-only, Variable-like
+  view; see ``jaxparam/_value.py`` for why). Under a JAX trace the chain runs
+  inline; outside one it runs as one compiled call per chain structure.
+- Assigning (``module.kernel = x`` or ``module.kernel[...] = x``) runs the links'
+  ``right_inverse`` in reverse order and stores the result in the originals.
+- Removing bakes the current value (``leave_parametrized=True``) or puts the
+  original back, and restores the plain class after the last removal.
+- Every public operation is a transaction: if it raises, the module is left
+  exactly as it was (class, attributes, Variable values). Torch does not promise
+  this; we do.
+
+Errors reuse torch's types and message prefixes, followed by a hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxparam._value import ParametrizedValue, _unwrap
+
+__all__ = [
+    "cached",
+    "ParametrizationList",
+    "register_parametrization",
+    "is_parametrized",
+    "remove_parametrizations",
+    "type_before_parametrizations",
+    "transfer_parametrizations_and_params",
+]
+
+# ---------------------------------------------------------------------------
+# Private helpers
+# ---------------------------------------------------------------------------
+
+_cache_enabled = 0
+# (id(module), tensor_name) -> (originals' raw values, computed value)
+_cache: dict[tuple[int, str], tuple[tuple[Any, ...], jax.Array]] = {}
+
+
+@contextlib.contextmanager
+def cached() -> Iterator[None]:
+    """Compute each parametrized value once inside this context.
+
+    The first read of ``module.<name>`` inside the context computes the value and
+    stores it; later reads return it. The cache is emptied when the outermost
+    context exits. Use it when a parametrized tensor is read several times in one
+    forward pass (an RNN's recurrent kernel, tied weights). Under ``jit`` XLA
+    already removes the duplicate work; eagerly, the cache is what saves it.
+
+    Unlike torch, a cached value is only reused while the originals are the very
+    arrays it was computed from: an assignment (``module.kernel = x``) or an
+    optimizer update inside the context recomputes instead of returning a stale
+    value, and values cached inside one ``jit`` trace are never seen by another.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jaxparam.parametrize as P
+      >>> layer = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+      >>> _ = P.register_parametrization(layer, "kernel", lambda x: x + x.T)
+      >>> with P.cached():
+      ...     a = layer.kernel
+      ...     b = layer.kernel
+      >>> a[...] is b[...]
+      True
+    """
+    global _cache_enabled, _cache
+    _cache_enabled += 1
+    try:
+        yield
+    finally:
+        _cache_enabled -= 1
+        if not _cache_enabled:
+            _cache = {}
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, jax.Array)
+
+
+def _type_name(x: Any) -> str:
+    return type(x).__name__
+
+
+def _link_name(link: Any) -> str:
+    if isinstance(link, nnx.Module):
+        return type(link).__name__
+    return getattr(link, "__name__", type(link).__name__)
+
+
+def _has_right_inverse(link: Any) -> bool:
+    return hasattr(link, "right_inverse")
+
+
+def _variables_of(module: nnx.Module) -> dict[str, nnx.Variable]:
+    return {k: v for k, v in vars(module).items() if isinstance(v, nnx.Variable)}
+
+
+def _new_variable_like(template: nnx.Variable, value: Any) -> nnx.Variable:
+    """A Variable of ``template``'s type and metadata holding ``value``.
+
+    Sharding annotations name one axis each, so they are kept only when the rank
+    is unchanged.
+    """
+    metadata = dict(template.get_metadata())
+    if np.ndim(value) != np.ndim(template.get_raw_value()):
+        for key in ("out_sharding", "sharding", "sharding_names"):
+            metadata.pop(key, None)
+    return type(template)._new(value, metadata)
+
+
+def _contains_tracer(leaves: Sequence[Any]) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in leaves)
+
+
+# -- transactions ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    """Shallow copy of everything an operation may change on one module."""
+
+    objects: list[tuple[Any, type, dict[str, Any]]]
+    values: list[tuple[nnx.Variable, Any, dict[str, Any]]]
+
+    @classmethod
+    def take(cls, *modules: nnx.Module) -> _Snapshot:
+        objects, values, seen = [], [], set()
+
+        def visit(obj: Any) -> None:
+            if id(obj) in seen:
+                return
+            seen.add(id(obj))
+            objects.append((obj, type(obj), dict(vars(obj))))
+            for v in vars(obj).values():
+                if isinstance(v, nnx.Variable) and id(v) not in seen:
+                    seen.add(id(v))
+                    values.append((v, v.get_raw_value(), dict(v.get_metadata())))
+            params = vars(obj).get("parametrizations")
+            if isinstance(params, nnx.Dict):
+                visit(params)
+                for plist in params.values():
+                    if isinstance(plist, ParametrizationList):
+                        visit(plist)
+
+        for m in modules:
+            visit(m)
+        return cls(objects, values)
+
+    def restore(self) -> None:
+        for obj, obj_type, attrs in self.objects:
+            object.__setattr__(obj, "__class__", obj_type)
+            vars(obj).clear()
+            vars(obj).update(attrs)
+        for var, raw, metadata in self.values:
+            var.set_raw_value(raw, _unsafe_bypass_check=True)
+            var._var_metadata = metadata
+
+
+@contextlib.contextmanager
+def _transaction(*modules: nnx.Module) -> Iterator[None]:
+    """Undo every change to ``modules`` if the body raises."""
+    snapshot = _Snapshot.take(*modules)
+    try:
+        yield
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+# -- compiled evaluation -----------------------------------------------------
+
+
+@jax.jit(static_argnums=0)
+def _run_compiled(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[jax.Array, Any]:
+    """Run a ParametrizationList as one XLA computation.
+
+    Returns the value and only the state entries the chain changed (for example a
+    power iteration's vectors), found at trace time by identity, so unchanged
+    originals are not copied out.
+    """
+    plist = nnx.merge(graphdef, state)
+    value = plist()
+    changed = {}
+    new_flat = nnx.to_flat_state(nnx.state(plist))
+    for (path, old), (_, new) in zip(nnx.to_flat_state(state), new_flat, strict=True):
+        if new.get_raw_value() is not old.get_raw_value():
+            changed[path] = new
+    return value, (nnx.from_flat_state(changed) if changed else None)
+
+
+# ---------------------------------------------------------------------------
+# ParametrizationList
+# ---------------------------------------------------------------------------
+
+
+class ParametrizationList(nnx.Module):
+    """The originals and the chain of parametrizations of one parametrized tensor.
+
+    It is the type of ``module.parametrizations[tensor_name]`` once
+    ``module.<tensor_name>`` is parametrized with :func:`register_parametrization`.
+    If the first parametrization's ``right_inverse`` returns one array (or there
+    is none, meaning the identity), the original is stored as ``original``; if it
+    returns a sequence, as ``original0``, ``original1``, ... Each original is a
+    Variable of the type the parametrized Variable had (``nnx.Param`` stays
+    ``nnx.Param``, an ``nnx.BatchStat`` stays an ``nnx.BatchStat``); a single
+    original is the very Variable object that was on the module.
+
+    The links are stored under ``"0"``, ``"1"``, ... : plain callables as static
+    attributes, ``nnx.Module`` links as submodules (their Variables are part of the
+    state tree).
+
+    It is built by :func:`register_parametrization`; users do not instantiate it.
+
+    Args:
+      modules: the parametrizations (one or more callables).
+      original: the Variable being parametrized.
+      unsafe: skip the dtype and shape consistency checks.
+
+    Raises:
+      ValueError: as torch's ``ParametrizationList``: empty ``modules``, a
+        ``right_inverse`` returning something other than an array or a sequence
+        of arrays, a changed dtype or shape (unless ``unsafe``).
+    """
+
+    _pytree__has_int_keys = True
+
+    def __init__(
+        self,
+        modules: Sequence[Callable[..., Any]],
+        original: nnx.Variable,
+        unsafe: bool = False,
+    ) -> None:
+        if len(modules) == 0:
+            raise ValueError("ParametrizationList requires one or more modules.")
+        self._length = 0
+        for link in modules:
+            self.append(link)
+        self.unsafe = unsafe
+
+        original_value = original.get_value()
+        original_shape, original_dtype = original_value.shape, original_value.dtype
+
+        new = original_value
+        for link in reversed(list(self)):
+            if _has_right_inverse(link):
+                try:
+                    new = link.right_inverse(new)
+                except NotImplementedError:
+                    pass
+
+        if not _is_tensor(new) and not isinstance(new, Sequence):
+            raise ValueError(
+                "'right_inverse' must return a Tensor or a Sequence of tensors (list, tuple...). "
+                f"Got {_type_name(new)}"
+            )
+        self.is_tensor = _is_tensor(new)
+        self.ntensors = 1 if self.is_tensor else len(new)
+
+        if self.is_tensor:
+            if new.dtype != original_dtype:
+                raise ValueError(
+                    "When `right_inverse` outputs one tensor, it may not change the dtype.\n"
+                    f"original.dtype: {original_dtype}\n"
+                    f"right_inverse(original).dtype: {new.dtype}"
+                )
+            originals = (new,)
+        else:
+            for i, item in enumerate(new):
+                if not _is_tensor(item):
+                    raise ValueError(
+                        "'right_inverse' must return a Tensor or a Sequence of tensors "
+                        "(list, tuple...). "
+                        f"Got element {i} of the sequence with type {_type_name(item)}."
+                    )
+            originals = tuple(new)
+
+        if not self.unsafe:
+            Z = self._apply(originals)
+            if not _is_tensor(Z):
+                raise ValueError(f"A parametrization must return a tensor. Got {_type_name(Z)}.")
+            if Z.dtype != original_dtype:
+                raise ValueError(
+                    "Registering a parametrization may not change the dtype of the tensor, "
+                    "unless `unsafe` flag is enabled.\n"
+                    f"unparametrized dtype: {original_dtype}\n"
+                    f"parametrized dtype: {Z.dtype}"
+                )
+            if Z.shape != original_shape:
+                raise ValueError(
+                    "Registering a parametrization may not change the shape of the tensor, "
+                    "unless `unsafe` flag is enabled.\n"
+                    f"unparametrized shape: {original_shape}\n"
+                    f"parametrized shape: {Z.shape}"
+                )
+
+        # All checks passed: only now is the original Variable touched.
+        if self.is_tensor:
+            original.set_value(new)
+            self.original = original
+        else:
+            for i, item in enumerate(originals):
+                setattr(self, f"original{i}", _new_variable_like(original, item))
+
+    # -- the sequence of links (torch's ModuleList) ------------------------------
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[Callable[..., Any]]:
+        return (getattr(self, str(i)) for i in range(self._length))
+
+    def __getitem__(self, index: int) -> Callable[..., Any]:
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} is out of range")
+        return getattr(self, str(index))
+
+    def append(self, link: Callable[..., Any]) -> None:
+        """Append a link to the chain (used by :func:`register_parametrization`)."""
+        if not callable(link):
+            raise TypeError(
+                f"A parametrization must be callable. Got {_type_name(link)}.\n"
+                "fix: pass a function of the original(s), or an nnx.Module with __call__."
+            )
+        setattr(self, str(self._length), link)
+        self._length += 1
+
+    # -- originals ---------------------------------------------------------------
+    def originals(self) -> tuple[nnx.Variable, ...]:
+        """The original Variables, in order (``original`` or ``original0..N``)."""
+        if self.is_tensor:
+            return (self.original,)
+        return tuple(getattr(self, f"original{i}") for i in range(self.ntensors))
+
+    def _apply(self, originals: Sequence[jax.Array]) -> Any:
+        links = list(self)
+        x = links[0](*originals)
+        for link in links[1:]:
+            x = link(x)
+        return x
+
+    def __call__(self) -> jax.Array:
+        """Evaluate the chain on the originals (inline; traceable)."""
+        return self._apply([v.get_value() for v in self.originals()])
+
+    def evaluate(self) -> jax.Array:
+        """The parametrized value: inline under a JAX trace, compiled otherwise.
+
+        Outside a trace the whole chain runs as one jitted call, compiled once per
+        chain structure, shapes and dtypes; the Variables the chain changes (for
+        example spectral norm's ``u`` and ``v`` in training mode) are written back.
+        """
+        graphdef, state = nnx.split(self)
+        if _contains_tracer(jax.tree.leaves(state)):
+            return self()
+        value, changed = _run_compiled(graphdef, state)
+        if changed is not None:
+            nnx.update(self, changed)
+        return value
+
+    def right_inverse(self, value: Any) -> None:
+        """Run the links' ``right_inverse`` in reverse order and store the result.
+
+        The result goes into ``original`` (one array) or ``original0``,
+        ``original1``, ... (a sequence). Nothing is stored unless every check passes.
+
+        Raises:
+          RuntimeError: a link has no ``right_inverse``.
+          ValueError: the result has the wrong type, length or dtype.
+        """
+        value = _unwrap(value)
+        for link in reversed(list(self)):
+            if _has_right_inverse(link):
+                value = link.right_inverse(value)
+            else:
+                raise RuntimeError(
+                    f"parametrization {_link_name(link)} does not implement right_inverse.\n"
+                    "fix: give the parametrization a `right_inverse` method (or attribute, "
+                    "for a plain function), or assign the original directly: "
+                    "`module.parametrizations.<name>.original[...] = value`."
+                )
+        if self.is_tensor:
+            if not _is_tensor(value):
+                raise ValueError(f"`right_inverse` should return a tensor. Got {_type_name(value)}")
+            if value.dtype != self.original.dtype:
+                raise ValueError(
+                    f"The tensor returned by `right_inverse` has dtype {value.dtype} "
+                    f"while `original` has dtype {self.original.dtype}"
+                )
+            self.original.set_value(value)
+            return
+        if not isinstance(value, Sequence):
+            raise ValueError(
+                f"'right_inverse' must return a sequence of tensors. Got {_type_name(value)}."
+            )
+        if len(value) != self.ntensors:
+            raise ValueError(
+                "'right_inverse' must return a sequence of tensors of length "
+                f"{self.ntensors}. Got a sequence of length {len(value)}."
+            )
+        originals = self.originals()
+        for i, (tensor, original) in enumerate(zip(value, originals, strict=True)):
+            if not _is_tensor(tensor):
+                raise ValueError(
+                    "'right_inverse' must return a sequence of tensors. "
+                    f"Got element {i} of type {_type_name(tensor)}."
+                )
+            if tensor.dtype != original.dtype:
+                raise ValueError(
+                    f"Tensor {i} returned by `right_inverse` has dtype {tensor.dtype} "
+                    f"while `original{i}` has dtype {original.dtype}"
+                )
+        for tensor, original in zip(value, originals, strict=True):
+            original.set_value(tensor)
+
+
+# ---------------------------------------------------------------------------
+# The injected class
+# ---------------------------------------------------------------------------
+
+# One class per (plain class, parametrized names), so identically parametrized
+# modules share a graphdef (one jit compilation, stackable under nnx.vmap).
+_CLASSES: dict[tuple[type, frozenset[str]], type] = {}
+_CLASS_PREFIX = "Parametrized:"
+
+
+def _get_parametrized(module: nnx.Module, name: str) -> jax.Array:
+    plist = module.parametrizations[name]
+    if not _cache_enabled:
+        return plist.evaluate()
+    key = (id(module), name)
+    originals = tuple(v.get_raw_value() for v in plist.originals())
+    hit = _cache.get(key)
+    if hit is not None and len(hit[0]) == len(originals):
+        if all(a is b for a, b in zip(hit[0], originals, strict=True)):
+            return hit[1]
+    value = plist.evaluate()
+    _cache[key] = (originals, value)
+    return value
+
+
+def _make_property(name: str) -> property:
+    def fget(self):
+        return ParametrizedValue(_get_parametrized(self, name), lambda v: _assign(self, name, v))
+
+    def fset(self, value):
+        _assign(self, name, value)
+
+    return property(fget, fset, doc=f"The parametrized value of `{name}`.")
+
+
+def _assign(module: nnx.Module, name: str, value: Any) -> None:
+    with _transaction(module):
+        module.parametrizations[name].right_inverse(value)
+
+
+def _class_key_name(base: type, names: frozenset[str]) -> str:
+    return (
+        _CLASS_PREFIX
+        + base.__module__.replace(".", "/")
+        + ":"
+        + base.__qualname__.replace(".", "/")
+        + ":"
+        + ",".join(sorted(names))
+    )
+
+
+def _parametrized_class(base: type, names: frozenset[str]) -> type:
+    """The ``Parametrized<Base>`` class with a property for each name."""
+    key = (base, names)
+    cls = _CLASSES.get(key)
+    if cls is not None:
+        return cls
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        if attr in names:
+            _assign(self, attr, value)
+        else:
+            base.__setattr__(self, attr, value)
+
+    namespace: dict[str, Any] = {name: _make_property(name) for name in names}
+    namespace["__setattr__"] = __setattr__
+    namespace["_parametrized_names"] = names
+    namespace["__module__"] = __name__
+    namespace["__qualname__"] = _class_key_name(base, names)
+    cls = type(base)(
+        f"Parametrized{base.__name__}",
+        (base,),
+        namespace,
+        pytree=base._pytree__is_pytree,
+    )
+    _CLASSES[key] = cls
+    return cls
+
+
+def __getattr__(attr: str) -> Any:
+    # Lets pickle find an injected class by its qualified name, even in a new
+    # process where it was never created (the name encodes its base and names).
+    if attr.startswith(_CLASS_PREFIX):
+        _, module_name, qualname, names = attr.split(":")
+        import importlib
+
+        obj: Any = importlib.import_module(module_name.replace("/", "."))
+        for part in qualname.split("/"):
+            obj = getattr(obj, part)
+        return _parametrized_class(obj, frozenset(names.split(",")))
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def _set_class(module: nnx.Module, base: type, names: frozenset[str]) -> None:
+    new_cls = _parametrized_class(base, names) if names else base
+    object.__setattr__(module, "__class__", new_cls)
+
+
+def _parametrized_names(module: nnx.Module) -> frozenset[str]:
+    return getattr(type(module), "_parametrized_names", frozenset())
+
+
+# ---------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------
+
+
+def _check_link_preserves(module: nnx.Module, tensor_name: str, parametrization: Any) -> None:
+    """Torch's checks when appending to an existing chain (parametrization maps A to A)."""
+    Y = _get_parametrized(module, tensor_name)
+    X = parametrization(Y)
+    if not _is_tensor(X):
+        raise ValueError(f"A parametrization must return a tensor. Got {_type_name(X)}.")
+    if X.dtype != Y.dtype:
+        raise ValueError(
+            "Registering a parametrization may not change the dtype of the tensor, "
+            "unless the `unsafe` flag is enabled.\n"
+            f"module.{tensor_name}.dtype: {Y.dtype}\n"
+            f"parametrization(module.{tensor_name}).dtype: {X.dtype}"
+        )
+    if X.shape != Y.shape:
+        raise ValueError(
+            "Registering a parametrization may not change the shape of the tensor, "
+            "unless the `unsafe` flag is enabled.\n"
+            f"module.{tensor_name}.shape: {Y.shape}\n"
+            f"parametrization(module.{tensor_name}).shape: {X.shape}"
+        )
+    if _has_right_inverse(parametrization):
+        try:
+            Z = parametrization.right_inverse(X)
+        except NotImplementedError:
+            return
+        if not _is_tensor(Z):
+            raise ValueError(
+                f"parametrization.right_inverse must return a tensor. Got: {_type_name(Z)}"
+            )
+        if Z.dtype != Y.dtype:
+            raise ValueError(
+                "The tensor returned by parametrization.right_inverse must have the same dtype "
+                f"as module.{tensor_name}, unless the `unsafe` flag is enabled.\n"
+                f"module.{tensor_name}.dtype: {Y.dtype}\n"
+                f"returned dtype: {Z.dtype}"
+            )
+        if Z.shape != Y.shape:
+            raise ValueError(
+                "The tensor returned by parametrization.right_inverse must have the same shape "
+                f"as module.{tensor_name}, unless the `unsafe` flag is enabled.\n"
+                f"module.{tensor_name}.shape: {Y.shape}\n"
+                f"returned shape: {Z.shape}"
+            )
+
+
+def _sync_training_mode(module: nnx.Module, parametrization: Any) -> None:
+    # torch: parametrization.train(module.training). NNX keeps the mode on each
+    # module as `deterministic`; follow the module's when it has one.
+    mode = getattr(module, "deterministic", None)
+    if isinstance(parametrization, nnx.Module) and isinstance(mode, bool):
+        parametrization.set_attributes(deterministic=mode, raise_if_not_found=False)
+
+
+def register_parametrization(
+    module: nnx.Module,
+    tensor_name: str,
+    parametrization: Callable[..., Any],
+    *,
+    unsafe: bool = False,
+) -> nnx.Module:
+    """Register a parametrization on the Variable ``module.<tensor_name>``.
+
+    After registration, reading ``module.<tensor_name>`` returns
+    ``parametrization(original)`` and gradients flow to the original, stored at
+    ``module.parametrizations.<tensor_name>.original``. Registering again on the
+    same name appends to the chain. A parametrization is any callable of the
+    original(s): a function, or an ``nnx.Module`` (which may hold Variables of its
+    own). It may have a ``right_inverse``: run at registration to initialise the
+    original(s) (a sequence means several originals, ``original0..N``), and on
+    every assignment ``module.<tensor_name> = value``.
+
+    Args:
+      module: the NNX module holding the Variable.
+      tensor_name: the attribute name of the Variable (``"kernel"``, ``"scale"``, ...).
+      parametrization: the callable to register.
+      unsafe: skip the dtype/shape consistency checks (torch's flag; it sticks to
+        the chain once set).
+
+    Returns:
+      The module (now of class ``Parametrized<Class>``).
+
+    Raises:
+      ValueError: the name is not a Variable of the module; the parametrization
+        changes the dtype or shape, or returns a non-array (unless ``unsafe``);
+        ``right_inverse`` returns something invalid (torch's messages).
+
+    If it raises, the module is left exactly as it was.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxparam.parametrize as P
+      >>> layer = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+      >>> _ = P.register_parametrization(layer, "kernel", lambda x: jnp.triu(x) + jnp.triu(x, 1).T)
+      >>> type(layer).__name__
+      'ParametrizedLinear'
+      >>> bool(jnp.allclose(layer.kernel[...], layer.kernel[...].T))
+      True
+      >>> layer.parametrizations.kernel.original.shape
+      (3, 3)
+    """
+    with _transaction(module):
+        _sync_training_mode(module, parametrization)
+        if is_parametrized(module, tensor_name):
+            if not unsafe:
+                _check_link_preserves(module, tensor_name, parametrization)
+            plist = module.parametrizations[tensor_name]
+            plist.append(parametrization)
+            plist.unsafe |= unsafe
+        elif isinstance(vars(module).get(tensor_name), nnx.Variable):
+            original = vars(module)[tensor_name]
+            if not _is_tensor(original.get_raw_value()):
+                raise ValueError(
+                    f"Module '{_type_name(module)}' has a Variable '{tensor_name}' that holds "
+                    f"a {_type_name(original.get_raw_value())}, not an array.\n"
+                    "fix: parametrize a Variable that holds a jax.Array."
+                )
+            plist = ParametrizationList([parametrization], original, unsafe=unsafe)
+            delattr(module, tensor_name)
+            names = _parametrized_names(module)
+            if not names:
+                base = type(module)
+                module.parametrizations = nnx.Dict()
+            else:
+                base = type_before_parametrizations(module)
+            _set_class(module, base, names | {tensor_name})
+            module.parametrizations[tensor_name] = plist
+        else:
+            variables = ", ".join(sorted(_variables_of(module))) or "none"
+            attr = vars(module).get(tensor_name, None)
+            detail = (
+                f"\nfound: an attribute of type {_type_name(attr)}, not an nnx.Variable"
+                if tensor_name in vars(module)
+                else ""
+            )
+            raise ValueError(
+                f"Module '{_type_name(module)}' does not have a parameter, a buffer, or a "
+                f"parametrized element with name '{tensor_name}'{detail}\n"
+                f"Variables of the module: {variables}\n"
+                "fix: name an nnx.Variable (nnx.Param, nnx.BatchStat, ...) held directly "
+                "by this module."
+            )
+    return module
+
+
+def is_parametrized(module: nnx.Module, tensor_name: str | None = None) -> bool:
+    """Whether ``module`` has a parametrization (on ``tensor_name``, if given).
+
+    Example:
+      >>> from flax import nnx
+      >>> import jaxparam.parametrize as P
+      >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+      >>> P.is_parametrized(layer)
+      False
+    """
+    parametrizations = vars(module).get("parametrizations")
+    if not isinstance(parametrizations, nnx.Dict) or not _parametrized_names(module):
+        return False
+    if tensor_name is None:
+        return len(parametrizations) > 0
+    return tensor_name in _parametrized_names(module)
+
+
+def remove_parametrizations(
+    module: nnx.Module,
+    tensor_name: str,
+    leave_parametrized: bool = True,
+) -> nnx.Module:
+    """Remove the parametrizations on ``module.<tensor_name>``.
+
+    With ``leave_parametrized=True`` the Variable keeps the current parametrized
+    value (for a single original, it is the very original Variable object, so an
+    optimizer state keyed on it stays valid); with ``False`` it gets the original
+    back. After the last removal the module is of its plain class again.
+
+    Args:
+      module: the parametrized module.
+      tensor_name: the parametrized name.
+      leave_parametrized: keep the parametrized value (default) or the original.
+
+    Returns:
+      The module.
+
+    Raises:
+      ValueError: the name is not parametrized; ``leave_parametrized=False`` with
+        several originals (torch's messages). The module is then unchanged.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jaxparam.parametrize as P
+      >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+      >>> _ = P.register_parametrization(layer, "kernel", lambda x: 2 * x)
+      >>> _ = P.remove_parametrizations(layer, "kernel")
+      >>> type(layer).__name__
+      'Linear'
+    """
+    if not is_parametrized(module, tensor_name):
+        raise ValueError(
+            f"Module {_type_name(module)} does not have a parametrization on {tensor_name}\n"
+            f"parametrized names: {', '.join(sorted(_parametrized_names(module))) or 'none'}"
+        )
+    with _transaction(module):
+        plist = module.parametrizations[tensor_name]
+        if plist.is_tensor:
+            original = plist.original
+            if leave_parametrized:
+                t = _get_parametrized(module, tensor_name)
+                original.set_value(t)
+        else:
+            if not leave_parametrized:
+                raise ValueError(
+                    "Cannot leave unparametrized (`leave_parametrized=False`) a tensor "
+                    "that is parametrized in terms of a sequence of tensors.\n"
+                    "fix: use leave_parametrized=True to keep the current value."
+                )
+            t = _get_parametrized(module, tensor_name)
+            original = _new_variable_like(plist.original0, t)
+
+        names = _parametrized_names(module) - {tensor_name}
+        base = type_before_parametrizations(module)
+        _set_class(module, base, names)
+        del module.parametrizations[tensor_name]
+        setattr(module, tensor_name, original)
+        if not names:
+            delattr(module, "parametrizations")
+    return module
+
+
+def type_before_parametrizations(module: nnx.Module) -> type:
+    """The class of ``module`` before any parametrization was registered.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jaxparam.parametrize as P
+      >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+      >>> _ = P.register_parametrization(layer, "kernel", lambda x: 2 * x)
+      >>> P.type_before_parametrizations(layer) is nnx.Linear
+      True
+    """
+    if _parametrized_names(module):
+        return type(module).__bases__[0]
+    return type(module)
+
+
+def transfer_parametrizations_and_params(
+    from_module: nnx.Module,
+    to_module: nnx.Module,
+    tensor_name: str | None = None,
+) -> nnx.Module:
+    """Transfer parametrizations and their originals from one module to another.
+
+    As in torch, the links (the same objects) are registered on ``to_module``,
+    creating the Variable there when missing (as a Variable of the original's type
+    holding the parametrized value), and then ``to_module``'s originals become the
+    very Variables of ``from_module``: the two modules share them.
+
+    Args:
+      from_module: the parametrized source.
+      to_module: the destination.
+      tensor_name: one name to transfer; all by default.
+
+    Returns:
+      ``to_module``.
+
+    Raises:
+      ValueError: as :func:`register_parametrization` on ``to_module``; then
+        ``to_module`` is unchanged.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jaxparam.parametrize as P
+      >>> a = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+      >>> b = nnx.Linear(2, 2, rngs=nnx.Rngs(1))
+      >>> _ = P.register_parametrization(a, "kernel", lambda x: 2 * x)
+      >>> _ = P.transfer_parametrizations_and_params(a, b)
+      >>> b.parametrizations.kernel.original is a.parametrizations.kernel.original
+      True
+    """
+    if not is_parametrized(from_module):
+        return to_module
+    names = list(from_module.parametrizations) if tensor_name is None else [tensor_name]
+    with _transaction(to_module):
+        for name in names:
+            source = from_module.parametrizations[name]
+            if name not in vars(to_module) and name not in _parametrized_names(to_module):
+                value = _get_parametrized(from_module, name)
+                template = source.originals()[0]
+                setattr(to_module, name, _new_variable_like(template, value))
+            for link in source:
+                register_parametrization(to_module, name, link)
+            target = to_module.parametrizations[name]
+            if source.is_tensor and target.is_tensor:
+                target.original = source.original
+            else:
+                i = 0
+                while hasattr(source, f"original{i}"):
+                    setattr(target, f"original{i}", getattr(source, f"original{i}"))
+                    i += 1
+    return to_module
