@@ -242,7 +242,6 @@ class ParametrizationList(nnx.Module):
         of arrays, a changed dtype or shape (unless ``unsafe``).
     """
 
-    _pytree__has_int_keys = True
 
     def __init__(
         self,
