@@ -198,12 +198,16 @@ def _run_compiled(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[jax.Array, 
     power iteration's vectors), found at trace time by identity, so unchanged
     originals are not copied out.
     """
+    # `nnx.merge` may reuse the very Variable objects of `state`, so the values
+    # before the call are recorded first; comparing Variables afterwards would see
+    # the chain's own writes on both sides and report nothing as changed.
+    before = [v.get_raw_value() for _, v in nnx.to_flat_state(state)]
     plist = nnx.merge(graphdef, state)
     value = plist()
     changed = {}
     new_flat = nnx.to_flat_state(nnx.state(plist))
-    for (path, old), (_, new) in zip(nnx.to_flat_state(state), new_flat, strict=True):
-        if new.get_raw_value() is not old.get_raw_value():
+    for old, (path, new) in zip(before, new_flat, strict=True):
+        if new.get_raw_value() is not old:
             changed[path] = new
     return value, (nnx.from_flat_state(changed) if changed else None)
 
@@ -241,7 +245,6 @@ class ParametrizationList(nnx.Module):
         ``right_inverse`` returning something other than an array or a sequence
         of arrays, a changed dtype or shape (unless ``unsafe``).
     """
-
 
     def __init__(
         self,
@@ -421,8 +424,9 @@ class ParametrizationList(nnx.Module):
         for i, (tensor, original) in enumerate(zip(value, originals, strict=True)):
             if not _is_tensor(tensor):
                 raise ValueError(
-                    "'right_inverse' must return a sequence of tensors. "
-                    f"Got element {i} of type {_type_name(tensor)}."
+                    "'right_inverse' must return a sequence of tensors "
+                    "or reference-type opaques. Got element "
+                    f"{i} of type {_type_name(tensor)}."
                 )
             if tensor.dtype != original.dtype:
                 raise ValueError(
