@@ -1,0 +1,756 @@
+"""The torch <-> JAX bridge: zero-copy DLPack transfers, autograd, JAX links.
+
+In plain words:
+
+* ``to_jax(t)`` views a torch tensor as a ``jax.Array`` without copying (same
+  memory, checked by pointer in the tests); ``to_torch(a)`` does the reverse.
+* A chain of consecutive JAX parametrizations ("links") is traced into ONE pure
+  function ``(inputs) -> (value, new_buffers)``. It is compiled once per chain
+  structure and input shapes/dtypes, and run by ``_JaxFunction``, a
+  ``torch.autograd.Function``:
+
+  - forward runs one compiled call that returns the value, the new values of the
+    buffers the links mutated, and the VJP residuals (``jax.vjp`` inside the
+    compiled function; the returned ``VJP`` object is a pytree whose leaves are
+    the residual arrays);
+  - backward runs one compiled VJP on those residuals.
+
+  The inputs (and the output) are saved with ``ctx.save_for_backward`` so that
+  torch's version counter catches an in-place edit between forward and backward.
+* Accepted dtypes: float16, bfloat16, float32, float64, complex64, complex128
+  (differentiable), and int8/16/32/64, uint8, bool (passed through, never
+  differentiated). Anything else (complex32, float8, quantized, ...) raises
+  ``TypeError``.
+* 64-bit dtypes keep their precision without touching the global JAX
+  configuration: the import skips JAX's dtype canonicalization, and tracing,
+  compiling and running happen inside ``jax.enable_x64(True)``, a thread-local,
+  scoped context. It is entered only when an input is 64-bit, so a float32
+  function never sees float64 defaults.
+* Non-contiguous tensors: ``to_jax`` refuses them (``ValueError``; XLA needs
+  dense row-major memory, so a view would be a hidden copy). Inside a
+  parametrization chain, the inputs of a JAX link are made contiguous with
+  ``Tensor.contiguous()`` (differentiable; a copy only when needed), because a
+  torch link may legitimately return a transposed view.
+* CPU tensors whose data pointer is not 64-byte aligned (a view at an odd
+  offset) cannot be viewed by XLA; they are copied, which is always safe.
+* No aliasing: outputs are fresh XLA buffers handed to torch (an output that
+  would alias an input is cloned); residuals stay inside the ``VJP`` object and
+  are never exposed to torch; mutated buffers are written back with ``copy_``
+  after the computation finished.
+
+Example:
+    >>> import torch, jax.numpy as jnp
+    >>> from torch_compat._bridge import to_jax, to_torch
+    >>> t = torch.ones(2, 2)
+    >>> a = to_jax(t)
+    >>> a.unsafe_buffer_pointer() == t.data_ptr()
+    True
+    >>> to_torch(a * 2).sum().item()
+    8.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+from torch.autograd.function import once_differentiable
+
+try:  # The fast path: skip jax.dlpack.from_dlpack's Python overhead (~30 us).
+    from jax._src.lib import _jax as _jaxlib
+
+    _dlpack_to_buffer = _jaxlib.dlpack_managed_tensor_to_buffer
+    _JaxRuntimeError: type[Exception] = _jaxlib.JaxRuntimeError
+except (ImportError, AttributeError):  # pragma: no cover - other jaxlib versions
+    _dlpack_to_buffer = None
+    _JaxRuntimeError = RuntimeError
+
+__all__ = [
+    "JaxParametrization",
+    "NNXParametrization",
+    "is_jax_link",
+    "run_chain",
+    "to_jax",
+    "to_torch",
+]
+
+_INEXACT = frozenset(
+    {
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+_PASS_THROUGH = frozenset(
+    {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool}
+)
+_SUPPORTED = _INEXACT | _PASS_THROUGH
+_X64 = frozenset({torch.float64, torch.complex128, torch.int64})
+_COMPLEX = frozenset({torch.complex64, torch.complex128})
+_JAX_X64 = frozenset({np.dtype("float64"), np.dtype("complex128"), np.dtype("int64")})
+
+_DL_CPU = 1
+_NULL = contextlib.nullcontext()
+
+
+def _x64_ctx(enable: bool):
+    # jax.enable_x64 is a thread-local State: entering it changes nothing for
+    # other threads and is undone on exit.
+    return jax.enable_x64(True) if enable else _NULL
+
+
+# --------------------------------------------------------------------------- #
+# Devices, checks and raw transfers
+# --------------------------------------------------------------------------- #
+
+_device_cache: dict[torch.device, jax.Device] = {}
+
+
+def _jax_device(device: torch.device) -> jax.Device:
+    dev = _device_cache.get(device)
+    if dev is not None:
+        return dev
+    if device.type == "cpu":
+        dev = jax.devices("cpu")[0]
+    elif device.type == "cuda":
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        matches = [d for d in gpus if d.local_hardware_id == index]
+        if not matches:
+            raise ValueError(
+                "Cannot pass a tensor to JAX: JAX does not see its device.\n"
+                f"tensor.device: {device}\n"
+                f"jax devices: {jax.devices()}\n"
+                "Install a CUDA-enabled jaxlib, or move the module to the CPU."
+            )
+        dev = matches[0]
+    else:
+        raise ValueError(
+            "Cannot pass a tensor to JAX: JAX does not see its device.\n"
+            f"tensor.device: {device}\n"
+            f"jax devices: {jax.devices()}\n"
+            "Move the tensor to the CPU (or to a CUDA device JAX sees)."
+        )
+    _device_cache[device] = dev
+    return dev
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _SUPPORTED:
+        raise TypeError(
+            "Cannot pass a tensor to JAX: unsupported dtype.\n"
+            f"tensor.dtype: {dtype}\n"
+            "supported: float16, bfloat16, float32, float64, complex64, complex128 "
+            "(differentiable) and int8/16/32/64, uint8, bool. Cast the tensor first."
+        )
+
+
+def _import(t: torch.Tensor) -> jax.Array:
+    """Views a contiguous, supported, detached-or-not tensor as a jax.Array."""
+    device = t.device
+    if device.type == "cpu" and _dlpack_to_buffer is not None:
+        jdev = _device_cache.get(device) or _jax_device(device)
+        capsule = torch.utils.dlpack.to_dlpack(t.detach())
+        try:
+            return _dlpack_to_buffer(capsule, jdev, None, False, _DL_CPU)
+        except _JaxRuntimeError as e:
+            if "aligned" not in str(e):
+                raise
+            # XLA cannot view unaligned memory: copy (always safe).
+            capsule = torch.utils.dlpack.to_dlpack(t.detach())
+            return _dlpack_to_buffer(capsule, jdev, None, True, _DL_CPU)
+    # The public path synchronises streams on GPU.
+    jdev = _jax_device(device)
+    with _x64_ctx(t.dtype in _X64):
+        return jax.dlpack.from_dlpack(t.detach(), device=jdev)
+
+
+def _export(a: jax.Array) -> torch.Tensor:
+    if next(iter(a.devices())).platform == "cpu":
+        return torch.utils.dlpack.from_dlpack(a.__dlpack__())
+    return torch.from_dlpack(a)
+
+
+def to_jax(tensor: torch.Tensor) -> jax.Array:
+    """Views a torch tensor as a ``jax.Array`` without copying.
+
+    Args:
+        tensor: a contiguous tensor with a supported dtype on a device JAX sees,
+            that does not require grad (use the parametrization machinery, or
+            ``tensor.detach()``, to cross with autograd).
+
+    Returns:
+        A ``jax.Array`` sharing memory with ``tensor``. JAX assumes arrays are
+        immutable: do not modify ``tensor`` in place while the array is alive.
+
+    Raises:
+        TypeError: if ``tensor`` is not a ``torch.Tensor`` or its dtype is unsupported.
+        ValueError: if it requires grad, is not contiguous, or lives on a device
+            JAX does not see.
+
+    Example:
+        >>> import torch
+        >>> t = torch.arange(4.0)
+        >>> to_jax(t).unsafe_buffer_pointer() == t.data_ptr()
+        True
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"to_jax expects a torch.Tensor. Got {type(tensor).__name__}.")
+    _check_dtype(tensor.dtype)
+    if tensor.requires_grad:
+        raise ValueError(
+            "Cannot pass a tensor that requires grad to JAX as a value: JAX would not "
+            "see torch's autograd graph. Call `tensor.detach()` first, or register the "
+            "JAX function as a parametrization to get gradients."
+        )
+    if not tensor.is_contiguous():
+        raise ValueError(
+            "Cannot pass a non-contiguous tensor to JAX without a copy.\n"
+            f"tensor.shape: {tuple(tensor.shape)}\n"
+            f"tensor.stride(): {tensor.stride()}\n"
+            "Call `tensor.contiguous()` first."
+        )
+    _jax_device(tensor.device)
+    return _import(tensor)
+
+
+def to_torch(array: jax.Array) -> torch.Tensor:
+    """Views a ``jax.Array`` as a torch tensor without copying.
+
+    Args:
+        array: a ``jax.Array`` on a single device.
+
+    Returns:
+        A tensor sharing memory with ``array``.
+
+    Raises:
+        TypeError: if ``array`` is not a ``jax.Array`` or its dtype has no torch
+            equivalent through DLPack.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> to_torch(jnp.ones(3)).shape
+        torch.Size([3])
+    """
+    if not isinstance(array, jax.Array) or isinstance(array, jax.core.Tracer):
+        raise TypeError(f"to_torch expects a concrete jax.Array. Got {type(array).__name__}.")
+    try:
+        return _export(array)
+    except (TypeError, BufferError, RuntimeError) as e:
+        raise TypeError(
+            f"Cannot pass a JAX array of dtype {array.dtype} to torch through DLPack: {e}"
+        ) from e
+
+
+def _check_out(y: Any, what: str) -> None:
+    if not isinstance(y, jax.Array):
+        raise TypeError(
+            f"{what} must return a jax.Array. Got {type(y).__name__}. "
+            "Return an array (e.g. `jnp.asarray(value)`), not a Python scalar, list or None."
+        )
+
+
+# --------------------------------------------------------------------------- #
+# JAX links: a pure function (params, buffers, *xs) -> (y, new_buffers)
+# --------------------------------------------------------------------------- #
+
+
+def is_jax_link(module: Any) -> bool:
+    """Whether ``module`` is a JAX parametrization adapter (fusable link)."""
+    return isinstance(module, _JaxLink)
+
+
+class _JaxLink(torch.nn.Module):
+    """Base of the torch adapters that run a JAX parametrization."""
+
+    def _jax_key(self) -> Any:
+        raise NotImplementedError
+
+    def _jax_apply(self) -> Callable[..., tuple[jax.Array, list[jax.Array]]]:
+        raise NotImplementedError
+
+    def _jax_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [], []
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return run_chain([self], xs)
+
+
+class JaxParametrization(_JaxLink):
+    """Runs a plain JAX function ``f(x) -> y`` (or ``f(x0, x1, ...)``) as a torch module.
+
+    ``register_parametrization`` wraps any non-``nn.Module`` callable in this
+    adapter. If ``f`` has a ``right_inverse`` attribute (a JAX function), the
+    adapter has a ``right_inverse`` method that runs it (without grad);
+    otherwise it has none, exactly like a torch module without one.
+
+    Args:
+        fn: a JAX function of one or several arrays returning one array.
+
+    Raises:
+        TypeError: if ``fn`` is not callable.
+
+    Example:
+        >>> import torch, jax.numpy as jnp
+        >>> sym = JaxParametrization(lambda x: x + x.T)
+        >>> sym(torch.eye(2)).tolist()
+        [[2.0, 0.0], [0.0, 2.0]]
+    """
+
+    def __init__(self, fn: Callable[..., jax.Array]) -> None:
+        if not callable(fn):
+            raise TypeError(f"A JAX parametrization must be callable. Got {type(fn).__name__}.")
+        super().__init__()
+        self.fn = fn
+
+    def _jax_key(self) -> Any:
+        return self.fn
+
+    def _jax_apply(self):
+        fn = self.fn
+
+        def apply(params, buffers, *xs):
+            return fn(*xs), []
+
+        return apply
+
+    @property
+    def right_inverse(self) -> Callable[[torch.Tensor], Any]:  # type: ignore[override]
+        inv = getattr(self.fn, "right_inverse", None)
+        if inv is None:
+            raise AttributeError("right_inverse")
+        return lambda value: call_jax(inv, value, what="`right_inverse`")
+
+    def extra_repr(self) -> str:
+        return f"fn={getattr(self.fn, '__qualname__', repr(self.fn))}"
+
+
+class _Holder(torch.nn.Module):
+    """An empty container so that nested nnx paths become nested state-dict keys."""
+
+
+def _path_names(path: tuple[Any, ...]) -> list[str]:
+    names = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            names.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            names.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name != "value":
+                names.append(k.name)
+        else:  # pragma: no cover - other key types
+            names.append(str(k))
+    return names
+
+
+def _set_mode(module: nnx.Module, training: bool) -> None:
+    # nnx's convention: train() / eval() flip `deterministic` (and friends) on
+    # every submodule that has the attribute.
+    for _, sub in module.iter_modules():
+        if hasattr(sub, "deterministic"):
+            sub.deterministic = not training
+        if hasattr(sub, "use_running_average"):
+            sub.use_running_average = not training
+
+
+class NNXParametrization(_JaxLink):
+    """Runs a ``flax.nnx.Module`` parametrization as a torch module.
+
+    Its ``nnx.Param``s become ``nn.Parameter``s (trained by torch optimizers)
+    and its other Variables become buffers, under the same names (nested
+    modules become nested keys: ``parametrizations.weight.0.inner.kernel``).
+    The torch tensors are the state: each call merges them into the nnx module
+    inside the compiled function. Variables the call mutates (a power
+    iteration in training mode, say) are written back into the buffers in
+    place, under ``no_grad``. ``train(mode)`` reaches the nnx module
+    (``deterministic = not mode`` on submodules that have that attribute).
+
+    Args:
+        module: the nnx module; its ``__call__`` takes the original tensor(s)
+            and returns one array; an optional ``right_inverse`` method.
+
+    Raises:
+        TypeError: if ``module`` is not an ``nnx.Module``.
+
+    Example:
+        >>> import torch, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> class Scale(nnx.Module):
+        ...     def __init__(self):
+        ...         self.s = nnx.Param(jnp.ones(()))
+        ...     def __call__(self, x):
+        ...         return x * self.s[...]
+        >>> p = NNXParametrization(Scale())
+        >>> sorted(p.state_dict())
+        ['s']
+    """
+
+    def __init__(self, module: nnx.Module) -> None:
+        if not isinstance(module, nnx.Module):
+            raise TypeError(f"Expected an nnx.Module. Got {type(module).__name__}.")
+        super().__init__()
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+        # The skeleton only provides the graph structure and the mode flags;
+        # its arrays are never read again (the torch tensors are the state).
+        object.__setattr__(self, "_skeleton", module)
+        self._graphdef = graphdef
+        p_paths, self._p_tree = jax.tree_util.tree_flatten_with_path(params)
+        b_paths, self._b_tree = jax.tree_util.tree_flatten_with_path(rest)
+        self._p_names = [self._register(path, leaf, True) for path, leaf in p_paths]
+        self._b_names = [self._register(path, leaf, False) for path, leaf in b_paths]
+        self._has_inverse = callable(getattr(module, "right_inverse", None))
+
+    def _register(self, path, leaf, is_param: bool) -> tuple[str, ...]:
+        names = _path_names(path)
+        owner: torch.nn.Module = self
+        for name in names[:-1]:
+            if name not in owner._modules:
+                owner.add_module(name, _Holder())
+            owner = owner._modules[name]
+        # Own the memory: the nnx module (or its user) may still hold `leaf`.
+        value = _export(jnp.array(leaf, copy=True)).clone()
+        if is_param:
+            owner.register_parameter(names[-1], torch.nn.Parameter(value))
+        else:
+            owner.register_buffer(names[-1], value)
+        return tuple(names)
+
+    def _get(self, names: tuple[str, ...]) -> torch.Tensor:
+        owner: torch.nn.Module = self
+        for name in names[:-1]:
+            owner = owner._modules[name]
+        return getattr(owner, names[-1])
+
+    def _jax_key(self) -> Any:
+        return self._graphdef
+
+    def _jax_state(self):
+        return [self._get(n) for n in self._p_names], [self._get(n) for n in self._b_names]
+
+    def _jax_apply(self):
+        return _nnx_apply(self._graphdef, self._p_tree, self._b_tree, "__call__")
+
+    def train(self, mode: bool = True) -> NNXParametrization:
+        super().train(mode)
+        _set_mode(self._skeleton, mode)
+        self._graphdef = nnx.split(self._skeleton, nnx.Param, ...)[0]
+        return self
+
+    @property
+    def right_inverse(self) -> Callable[[torch.Tensor], Any]:  # type: ignore[override]
+        if not self._has_inverse:
+            raise AttributeError("right_inverse")
+        apply = _nnx_apply(self._graphdef, self._p_tree, self._b_tree, "right_inverse")
+        params, buffers = self._jax_state()
+        n_p = len(params)
+
+        def inverse(*arrays):
+            return apply(
+                list(arrays[:n_p]),
+                list(arrays[n_p : n_p + len(buffers)]),
+                *arrays[n_p + len(buffers) :],
+            )[0]  # noqa: E501
+
+        inverse.__jax_key__ = ("right_inverse", self._graphdef)  # type: ignore[attr-defined]
+        return lambda value: call_jax(
+            inverse, *params, *buffers, value, what="`right_inverse`", key=inverse.__jax_key__
+        )
+
+    def to_nnx(self) -> nnx.Module:
+        """Returns a new nnx module holding copies of the current torch state.
+
+        Example:
+            >>> # m = p.to_nnx(); m.s[...]
+        """
+        params, buffers = self._jax_state()
+        p = jax.tree.unflatten(self._p_tree, [jnp.array(to_jax(t.detach())) for t in params])
+        b = jax.tree.unflatten(self._b_tree, [jnp.array(to_jax(t.detach())) for t in buffers])
+        return nnx.merge(self._graphdef, p, b)
+
+
+def _nnx_apply(graphdef, p_tree, b_tree, method: str):
+    def apply(params, buffers, *xs):
+        p = jax.tree.unflatten(p_tree, params)
+        b = jax.tree.unflatten(b_tree, buffers)
+        m = nnx.merge(graphdef, p, b)
+        y = getattr(m, method)(*xs)
+        _, _, new_b = nnx.split(m, nnx.Param, ...)
+        return y, jax.tree.leaves(new_b)
+
+    return apply
+
+
+# --------------------------------------------------------------------------- #
+# Fused, compiled chains
+# --------------------------------------------------------------------------- #
+
+
+class _Entry:
+    """One compiled forward for a chain structure + input shapes/dtypes."""
+
+    __slots__ = ("x64", "compiled", "diff_pos", "buf_pos", "mutated", "complex_pos")
+
+    def __init__(self, x64, compiled, diff_pos, buf_pos, mutated, complex_pos):
+        self.x64 = x64
+        self.compiled = compiled
+        self.diff_pos = diff_pos
+        self.buf_pos = buf_pos
+        self.mutated = mutated
+        self.complex_pos = complex_pos
+
+
+_entries: dict[Any, _Entry] = {}
+_lock = threading.Lock()
+
+
+def _fused(applies, n_x: int, layout) -> Callable[..., tuple[jax.Array, list[jax.Array]]]:
+    """The pure function of the whole chain on the flat input list."""
+
+    def core(flat):
+        xs = flat[:n_x]
+        pos = n_x
+        new_bufs = []
+        y = None
+        for i, (apply, (n_p, n_b)) in enumerate(zip(applies, layout, strict=True)):
+            params = list(flat[pos : pos + n_p])
+            bufs = list(flat[pos + n_p : pos + n_p + n_b])
+            pos += n_p + n_b
+            y, nb = apply(params, bufs, *xs) if i == 0 else apply(params, bufs, y)
+            _check_out(y, "A JAX parametrization")
+            new_bufs.extend(nb)
+        return y, new_bufs
+
+    return core
+
+
+def _get_entry(links, tensors, grad: bool) -> _Entry:
+    avals = tuple((t.shape, t.dtype, t.device) for t in tensors)
+    key = (tuple(link._jax_key() for link in links), avals, grad)
+    entry = _entries.get(key)
+    if entry is not None:
+        return entry
+    with _lock:
+        return _build_entry(key, links, tensors, grad)
+
+
+def _build_entry(key, links, tensors, grad: bool) -> _Entry:
+    for t in tensors:
+        _check_dtype(t.dtype)
+        _jax_device(t.device)
+    n_x = len(tensors) - sum(len(p) + len(b) for p, b in (lk._jax_state() for lk in links))
+    applies, layout = [], []
+    pos = n_x
+    buf_pos: list[int] = []
+    param_pos: list[int] = []
+    for link in links:
+        params, bufs = link._jax_state()
+        applies.append(link._jax_apply())
+        layout.append((len(params), len(bufs)))
+        param_pos.extend(range(pos, pos + len(params)))
+        pos += len(params)
+        buf_pos.extend(range(pos, pos + len(bufs)))
+        pos += len(bufs)
+    core = _fused(applies, n_x, layout)
+    dtypes = [t.dtype for t in tensors]
+    diff_pos = tuple(i for i in [*range(n_x), *param_pos] if dtypes[i] in _INEXACT)  # never buffers
+    complex_pos = tuple(i for i in diff_pos if dtypes[i] in _COMPLEX)
+    x64 = any(d in _X64 for d in dtypes)
+    mutated: list[int] = []
+
+    def record(flat, new_bufs):
+        # Trace time: an unchanged buffer comes back as the very same tracer.
+        old = [flat[i] for i in buf_pos]
+        mutated.extend(i for i, (n, o) in enumerate(zip(new_bufs, old, strict=True)) if n is not o)
+        return [new_bufs[i] for i in mutated]
+
+    if grad:
+
+        def fwd(*flat):
+            def f(*diff):
+                full = list(flat)
+                for i, d in zip(diff_pos, diff, strict=True):
+                    full[i] = d
+                return core(full)
+
+            y, vjp_fn, new_bufs = jax.vjp(f, *(flat[i] for i in diff_pos), has_aux=True)
+            return y, record(flat, new_bufs), vjp_fn
+    else:
+
+        def fwd(*flat):
+            y, new_bufs = core(list(flat))
+            return y, record(flat, new_bufs)
+
+    specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
+    with _x64_ctx(x64):
+        compiled = jax.jit(fwd).trace(*specs).lower().compile()
+    entry = _Entry(x64, compiled, diff_pos, tuple(buf_pos), tuple(mutated), complex_pos)
+    _entries[key] = entry
+    return entry
+
+
+_JAX_DTYPES = {
+    torch.float16: jnp.float16,
+    torch.bfloat16: jnp.bfloat16,
+    torch.float32: jnp.float32,
+    torch.float64: jnp.float64,
+    torch.complex64: jnp.complex64,
+    torch.complex128: jnp.complex128,
+    torch.int8: jnp.int8,
+    torch.int16: jnp.int16,
+    torch.int32: jnp.int32,
+    torch.int64: jnp.int64,
+    torch.uint8: jnp.uint8,
+    torch.bool: jnp.bool_,
+}
+
+
+def _jax_dtype(dtype: torch.dtype):
+    return _JAX_DTYPES[dtype]
+
+
+def _run(entry: _Entry, tensors: Sequence[torch.Tensor]):
+    arrays = [_import(t) for t in tensors]
+    with _x64_ctx(entry.x64):
+        out = entry.compiled(*arrays)
+    y = _export(out[0])
+    ptr = y.data_ptr()
+    if any(ptr == t.data_ptr() for t in tensors) and y.numel():
+        y = y.clone()  # never hand torch memory that aliases an input
+    if entry.mutated:
+        with torch.no_grad():
+            for i, new in zip(entry.mutated, out[1], strict=True):
+                tensors[entry.buf_pos[i]].copy_(_export(new))
+    return y, out
+
+
+@jax.jit
+def _bwd_plain(vjp_fn, ct):
+    return vjp_fn(ct)
+
+
+@jax.jit
+def _bwd_conj(vjp_fn, ct):
+    return jax.tree.map(jnp.conj, vjp_fn(jnp.conj(ct)))
+
+
+class _JaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, entry: _Entry, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y, out = _run(entry, tensors)
+        ctx.entry = entry
+        ctx.vjp_fn = out[2]
+        ctx.y_dtype = y.dtype
+        ctx.save_for_backward(*(tensors[i] for i in entry.diff_pos), y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ctx.saved_tensors  # noqa: B018 - checks the version counters
+        entry: _Entry = ctx.entry
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+        ct = _import(grad)
+        conj = bool(entry.complex_pos) or ctx.y_dtype in _COMPLEX
+        with _x64_ctx(entry.x64):
+            grads = (_bwd_conj if conj else _bwd_plain)(ctx.vjp_fn, ct)
+        result: list[torch.Tensor | None] = [None] * (len(ctx.needs_input_grad) - 1)
+        for i, g in zip(entry.diff_pos, grads, strict=True):
+            if ctx.needs_input_grad[i + 1]:
+                result[i] = _export(g)
+        return (None, *result)
+
+
+def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Runs consecutive JAX links as one compiled computation.
+
+    Args:
+        links: JAX adapters, applied in order; the first gets all of ``xs``.
+        xs: the input tensors.
+
+    Returns:
+        The output tensor, connected to torch's autograd graph when an input
+        (an ``x`` or a link parameter) requires grad.
+
+    Raises:
+        TypeError: for a non-tensor input, an unsupported dtype, or a JAX
+            function that does not return a ``jax.Array``.
+        ValueError: for a tensor on a device JAX does not see.
+    """
+    tensors: list[torch.Tensor] = []
+    for x in xs:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"A JAX parametrization expects torch tensors. Got {type(x).__name__}.")
+        tensors.append(x if x.is_contiguous() else x.contiguous())
+    for link in links:
+        params, bufs = link._jax_state()
+        tensors.extend(params)
+        tensors.extend(bufs)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    entry = _get_entry(links, tensors, grad)
+    if grad:
+        return _JaxFunction.apply(entry, *tensors)
+    return _run(entry, tensors)[0]
+
+
+_call_entries: dict[Any, Any] = {}
+
+
+def call_jax(fn: Callable[..., Any], *tensors: torch.Tensor, what: str, key: Any = None) -> Any:
+    """Runs a JAX function on tensors without grad; returns tensors in the same pytree.
+
+    Raises:
+        TypeError: if an output leaf is not an array.
+    """
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} expects torch tensors. Got {type(t).__name__}.")
+        _check_dtype(t.dtype)
+    tensors = tuple(t.detach() if t.is_contiguous() else t.detach().contiguous() for t in tensors)
+    avals = tuple((t.shape, t.dtype, t.device) for t in tensors)
+    ck = (key if key is not None else fn, avals)
+    hit = _call_entries.get(ck)
+    if hit is None:
+        x64 = any(t.dtype in _X64 for t in tensors)
+
+        def checked(*arrays):
+            out = fn(*arrays)
+            if not isinstance(out, (list, tuple)):
+                _check_out(out, what)
+            else:
+                for o in out:
+                    _check_out(o, what)
+            return out
+
+        specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
+        with _x64_ctx(x64):
+            compiled = jax.jit(checked).trace(*specs).lower().compile()
+        hit = (x64, compiled)
+        _call_entries[ck] = hit
+    x64, compiled = hit
+    arrays = [_import(t) for t in tensors]
+    with torch.no_grad(), _x64_ctx(x64):
+        out = compiled(*arrays)
+    ptrs = {t.data_ptr() for t in tensors}
+
+    def back(a):
+        r = _export(a)
+        return r.clone() if r.data_ptr() in ptrs and r.numel() else r
+
+    if isinstance(out, (list, tuple)):
+        return type(out)(back(a) for a in out)
+    return back(out)
