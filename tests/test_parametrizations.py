@@ -1,0 +1,277 @@
+"""NNX built-ins against torch's ``torch.nn.utils.parametrizations``.
+
+Each test builds a torch layer and the Flax layer holding the same numbers (in
+Flax's layout), applies torch's built-in and ours, and compares values, state,
+and a few optimizer steps.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+from torch.nn.utils import parametrizations as TP
+
+import jaxparam.parametrize as P
+from jaxparam.parametrizations import PowerIteration, spectral_norm, weight_norm
+
+# -- layouts: torch weight -> flax kernel --------------------------------------
+
+
+def linear_pair(din=5, dout=3, seed=0):
+    t = torch.nn.Linear(din, dout)
+    f = nnx.Linear(din, dout, rngs=nnx.Rngs(seed))
+    f.kernel[...] = jnp.asarray(t.weight.detach().numpy().T)
+    f.bias[...] = jnp.asarray(t.bias.detach().numpy())
+    return t, f, lambda w: w.T
+
+
+def conv_pair(nd=2, cin=3, cout=4, k=3):
+    t = getattr(torch.nn, f"Conv{nd}d")(cin, cout, k)
+    f = nnx.Conv(cin, cout, (k,) * nd, padding="VALID", rngs=nnx.Rngs(0))
+    perm = tuple(range(2, nd + 2)) + (1, 0)
+    f.kernel[...] = jnp.asarray(t.weight.detach().numpy().transpose(perm))
+    f.bias[...] = jnp.asarray(t.bias.detach().numpy())
+    return t, f, lambda w: np.transpose(w, perm)
+
+
+def conv_transpose_pair(nd=1, cin=3, cout=4, k=3):
+    t = getattr(torch.nn, f"ConvTranspose{nd}d")(cin, cout, k)
+    f = nnx.ConvTranspose(cin, cout, (k,) * nd, rngs=nnx.Rngs(0))
+    perm = tuple(range(2, nd + 2)) + (0, 1)
+    f.kernel[...] = jnp.asarray(t.weight.detach().numpy().transpose(perm))
+    return t, f, lambda w: np.transpose(w, perm)
+
+
+def embed_pair(num=6, features=4):
+    t = torch.nn.Embedding(num, features)
+    f = nnx.Embed(num, features, rngs=nnx.Rngs(0))
+    f.embedding[...] = jnp.asarray(t.weight.detach().numpy())
+    return t, f, lambda w: w
+
+
+PAIRS = {
+    "linear": (linear_pair, "kernel"),
+    "conv1d": (lambda: conv_pair(1), "kernel"),
+    "conv2d": (lambda: conv_pair(2), "kernel"),
+    "conv_transpose1d": (lambda: conv_transpose_pair(1), "kernel"),
+    "conv_transpose2d": (lambda: conv_transpose_pair(2), "kernel"),
+    "embed": (embed_pair, "embedding"),
+}
+
+
+def np_(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().numpy()
+    return np.asarray(x)
+
+
+# -- weight norm -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", sorted(PAIRS))
+def test_weight_norm_default_matches_torch(layer):
+    make, name = PAIRS[layer]
+    t, f, to_flax = make()
+    # torch's weight_norm default is dim=0; for ConvTranspose that is the input
+    # channels, so compare ours (per output feature) against torch's output dim.
+    torch_dim = 1 if "transpose" in layer else 0
+    TP.weight_norm(t, "weight", dim=torch_dim)
+    weight_norm(f, name)
+    plist = f.parametrizations[name]
+    np.testing.assert_allclose(np_(getattr(f, name)[...]), to_flax(np_(t.weight)), atol=1e-6)
+    # g has size 1 on every axis but the output axis, in each framework's layout
+    g_t = np_(t.parametrizations.weight.original0)
+    np.testing.assert_allclose(np_(plist.original0[...]), to_flax(g_t), atol=1e-6)
+    np.testing.assert_allclose(
+        np_(plist.original1[...]), to_flax(np_(t.parametrizations.weight.original1)), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("dim", [None, 0, 1])
+def test_weight_norm_explicit_dims_match_torch(dim):
+    t, f, _ = linear_pair()
+    # torch's dim d on (out, in) is flax axis 1 - d on (in, out); None is the whole tensor
+    TP.weight_norm(t, "weight", dim=dim)
+    weight_norm(f, "kernel", dim=None if dim is None else 1 - dim)
+    np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-6)
+    np.testing.assert_allclose(
+        np.squeeze(np_(f.parametrizations.kernel.original0[...])),
+        np.squeeze(np_(t.parametrizations.weight.original0)),
+        atol=1e-6,
+    )
+
+
+def test_weight_norm_keeps_the_initial_function_unlike_flax():
+    f = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    before = f(x)
+    weight_norm(f)
+    np.testing.assert_allclose(f(x), before, atol=1e-6)
+    assert P.is_parametrized(f, "kernel")
+    # flax's own WeightNorm rewrites the kernel: its output differs at creation.
+    g = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    wrapped = nnx.WeightNorm(g, rngs=nnx.Rngs(0))
+    assert not np.allclose(wrapped(x), before, atol=1e-3)
+
+
+def test_weight_norm_negative_dim_is_an_ordinary_axis():
+    f = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    weight_norm(f, dim=-2)
+    assert f.parametrizations.kernel.original0.shape == (5, 1)
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        weight_norm(nnx.Linear(5, 3, rngs=nnx.Rngs(0)), dim=2)
+
+
+def test_weight_norm_missing_name():
+    f = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    t = torch.nn.Linear(5, 3)
+    with pytest.raises(ValueError) as torch_err:
+        TP.spectral_norm(t, "nope")
+    with pytest.raises(ValueError) as ours:
+        weight_norm(f, "nope")
+    prefix = str(torch_err.value).split("'")[0]
+    assert str(ours.value).startswith(prefix)
+    assert "has no parameter or buffer with name 'nope'" in str(ours.value)
+    assert type(f) is nnx.Linear
+
+
+# -- spectral norm -------------------------------------------------------------
+
+
+def copy_torch_vectors(t, f, name, layer):
+    """Put torch's _u, _v into ours (v is permuted where the flattening differs)."""
+    sn_t = t.parametrizations.weight[0]
+    sn_f = f.parametrizations[name][0]
+    u, v = np_(sn_t._u), np_(sn_t._v)
+    w = np_(t.parametrizations.weight.original)
+    if layer.startswith("conv") and "transpose" not in layer:
+        # torch flattens (out, in, *k); we flatten (*k, in) after moving out first
+        rest = (w.shape[1],) + w.shape[2:]
+        v = np.moveaxis(v.reshape(rest), 0, -1).ravel()
+    elif "transpose" in layer:
+        # torch: dim=1 first, then (in, *k); flax: (*k, in)
+        rest = (w.shape[0],) + w.shape[2:]
+        v = np.moveaxis(v.reshape(rest), 0, -1).ravel()
+    elif layer == "linear":
+        pass
+    sn_f._u[...] = jnp.asarray(u)
+    sn_f._v[...] = jnp.asarray(v)
+
+
+@pytest.mark.parametrize("layer", sorted(PAIRS))
+@pytest.mark.parametrize("jit", [False, True])
+def test_spectral_norm_matches_torch_in_training_and_eval(layer, jit):
+    make, name = PAIRS[layer]
+    t, f, to_flax = make()
+    TP.spectral_norm(t, "weight")
+    spectral_norm(f, name, rngs=nnx.Rngs(0))
+    copy_torch_vectors(t, f, name, layer)
+    sn_f = f.parametrizations[name][0]
+    assert isinstance(sn_f._u, PowerIteration) and not isinstance(sn_f._u, nnx.Param)
+
+    read = nnx.jit(lambda m: getattr(m, name)[...]) if jit else (lambda m: getattr(m, name)[...])
+    for _ in range(3):  # each training read runs one power iteration
+        np.testing.assert_allclose(np_(read(f)), to_flax(np_(t.weight)), atol=1e-5)
+    np.testing.assert_allclose(np_(sn_f._u[...]), np_(t.parametrizations.weight[0]._u), atol=1e-5)
+    t.eval()
+    f.eval()
+    u_before = np_(sn_f._u[...]).copy()
+    for _ in range(2):
+        np.testing.assert_allclose(np_(read(f)), to_flax(np_(t.weight)), atol=1e-5)
+    np.testing.assert_array_equal(np_(sn_f._u[...]), u_before)
+
+
+def test_spectral_norm_1d_is_normalize_and_has_no_vectors():
+    t = torch.nn.LayerNorm(5)
+    f = nnx.LayerNorm(5, epsilon=1e-5, rngs=nnx.Rngs(0))
+    w = np.random.randn(5).astype(np.float32)
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(w))
+    f.scale[...] = jnp.asarray(w)
+    TP.spectral_norm(t, "weight")
+    spectral_norm(f, "scale")
+    np.testing.assert_allclose(np_(f.scale[...]), np_(t.weight), atol=1e-6)
+    assert not hasattr(f.parametrizations.scale[0], "_u")
+    x = np.random.randn(2, 5).astype(np.float32)
+    np.testing.assert_allclose(np_(f(jnp.asarray(x))), np_(t(torch.from_numpy(x))), atol=1e-5)
+
+
+def test_spectral_norm_errors_match_torch():
+    for kwargs in ({"n_power_iterations": 0}, {"dim": 3}):
+        with pytest.raises(Exception) as torch_err:
+            TP.spectral_norm(torch.nn.Linear(3, 3), "weight", **kwargs)
+        f = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+        with pytest.raises(type(torch_err.value)) as ours:
+            spectral_norm(f, "kernel", **kwargs)
+        assert str(ours.value).split("(")[0] == str(torch_err.value).split("(")[0]
+        assert type(f) is nnx.Linear
+
+
+def test_spectral_norm_gan_pattern_two_forwards_one_backward():
+    f = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+    spectral_norm(f, rngs=nnx.Rngs(1))
+    x1, x2 = jnp.ones((2, 4)), -jnp.ones((2, 4))
+
+    @nnx.jit
+    def step(m):
+        def loss(m):
+            return m(x1).sum() - m(x2).sum()
+
+        return nnx.grad(loss)(m)
+
+    grads = step(f)
+    assert np.all(np.isfinite(np_(grads["parametrizations"]["kernel"]["original"][...])))
+    assert "0" not in grads["parametrizations"]["kernel"] or not any(
+        isinstance(v, nnx.Param) for v in jax.tree.leaves(grads["parametrizations"]["kernel"]["0"])
+    )
+
+
+# -- training side by side with torch ------------------------------------------
+
+
+@pytest.mark.parametrize("builtin", ["weight_norm", "spectral_norm"])
+def test_training_matches_torch(builtin):
+    torch.manual_seed(0)
+    t1, f1, _ = linear_pair(6, 5)
+    t2, f2, _ = linear_pair(5, 2)
+    for t, f in ((t1, f1), (t2, f2)):
+        if builtin == "weight_norm":
+            TP.weight_norm(t, "weight")
+            weight_norm(f)
+        else:
+            TP.spectral_norm(t, "weight")
+            spectral_norm(f, rngs=nnx.Rngs(0))
+            copy_torch_vectors(t, f, "kernel", "linear")
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.a, self.b = f1, f2
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    net = Net()
+    tnet = torch.nn.Sequential(t1, torch.nn.Tanh(), t2)
+    x = np.random.randn(8, 6).astype(np.float32)
+    y = np.random.randn(8, 2).astype(np.float32)
+    opt = nnx.Optimizer(net, optax.sgd(0.1), wrt=nnx.Param)
+    topt = torch.optim.SGD(tnet.parameters(), lr=0.1)
+
+    @nnx.jit
+    def step(net, opt, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(net)
+        opt.update(net, grads)
+        return loss
+
+    for _ in range(4):
+        loss = step(net, opt, jnp.asarray(x), jnp.asarray(y))
+        topt.zero_grad()
+        tloss = ((tnet(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean()
+        tloss.backward()
+        topt.step()
+        np.testing.assert_allclose(float(loss), tloss.detach().item(), rtol=1e-5, atol=1e-6)
+    for t, f in ((t1, f1), (t2, f2)):
+        np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-5)
