@@ -61,7 +61,6 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
-from torch.autograd.function import once_differentiable
 
 try:  # The fast path: skip jax.dlpack.from_dlpack's Python overhead (~30 us).
     from jax._src.lib import _jax as _jaxlib
@@ -360,7 +359,7 @@ def _path_names(path: tuple[Any, ...]) -> list[str]:
 def _set_mode(module: nnx.Module, training: bool) -> None:
     # nnx's convention: train() / eval() flip `deterministic` (and friends) on
     # every submodule that has the attribute.
-    for _, sub in module.iter_modules():
+    for _, sub in nnx.iter_modules(module):
         if hasattr(sub, "deterministic"):
             sub.deterministic = not training
         if hasattr(sub, "use_running_average"):
@@ -658,8 +657,15 @@ class _JaxFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # create_graph=True: our gradients would be constants, silently
+            # dropping second-order terms.
+            raise RuntimeError(
+                "JAX parametrizations do not support double backward "
+                "(`create_graph=True`): the bridge's backward is once differentiable. "
+                "Write the parametrization as a torch module for higher-order gradients."
+            )
         ctx.saved_tensors  # noqa: B018 - checks the version counters
         entry: _Entry = ctx.entry
         if not grad.is_contiguous():

@@ -1,0 +1,352 @@
+"""The DLPack bridge: zero copy, x64 without global config, autograd, errors, nnx."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+import torch.nn as nn
+from flax import nnx
+
+import torch_compat.parametrize as P
+from torch_compat import NNXParametrization, _bridge, to_jax, to_torch
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Complex modules:UserWarning"),
+    pytest.mark.filterwarnings("ignore:ComplexHalf support:UserWarning"),
+]
+
+DTYPES = [
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+]
+
+
+def _rand(shape, dtype):
+    return (
+        torch.randn(*shape, dtype=torch.float64).to(dtype)
+        if not dtype.is_complex
+        else (torch.randn(*shape, dtype=dtype))
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_round_trip_is_zero_copy(dtype):
+    t = _rand((5, 3), dtype)
+    a = to_jax(t)
+    assert a.unsafe_buffer_pointer() == t.data_ptr()
+    assert str(a.dtype) == str(dtype).removeprefix("torch.")
+    back = to_torch(a)
+    assert back.data_ptr() == t.data_ptr()
+    assert back.dtype == dtype
+    torch.testing.assert_close(back, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
+def test_x64_kept_without_global_config(dtype):
+    assert not jax.config.jax_enable_x64
+    x = _rand((4, 4), dtype) + 1e-12  # a perturbation float32 would lose
+    m = nn.Linear(4, 4).to(dtype)
+    P.register_parametrization(m, "weight", lambda w: w * 3.0 + w.T)
+    with torch.no_grad():
+        m.parametrizations.weight.original.copy_(x)
+    torch.testing.assert_close(m.weight, x * 3.0 + x.T, rtol=1e-15, atol=1e-15)
+    assert m.weight.dtype == dtype
+    assert not jax.config.jax_enable_x64
+    assert jnp.ones(2).dtype == jnp.float32
+
+
+def test_x64_context_is_thread_local():
+    seen = []
+    started, release = threading.Event(), threading.Event()
+
+    def other():
+        started.set()
+        release.wait(5)
+        seen.append(jnp.ones(1).dtype)
+
+    th = threading.Thread(target=other)
+    th.start()
+    started.wait(5)
+    with _bridge._x64_ctx(True):
+        assert jnp.ones(1).dtype == jnp.float64
+        release.set()
+        th.join(5)
+    assert seen == [jnp.float32]
+    assert jnp.ones(1).dtype == jnp.float32
+
+
+def test_float32_function_is_not_promoted():
+    m = nn.Linear(3, 3)
+    P.register_parametrization(m, "weight", lambda w: w + jnp.ones(w.shape))
+    assert m.weight.dtype == torch.float32
+
+
+def rank_one(x, y):
+    return jnp.outer(x, y) + jnp.sin(jnp.outer(x, x))[: x.shape[0], : y.shape[0]]
+
+
+def test_gradcheck_several_originals_float64():
+    link = _bridge.JaxParametrization(rank_one)
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(link, (x, y))
+
+
+def test_gradcheck_fused_chain_float64():
+    m = nn.Linear(3, 3).double()
+
+    def ab(a, b):
+        return a @ b
+
+    ab.right_inverse = lambda w: (w, jnp.eye(3, dtype=w.dtype))
+    P.register_parametrization(m, "weight", ab)
+    P.register_parametrization(m, "weight", lambda w: jnp.tanh(w) + w.T)
+    plist = m.parametrizations.weight
+
+    a = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _bridge.run_chain(list(plist), (a, b)), (a, b))
+
+
+def test_inplace_between_forward_and_backward_is_caught():
+    m = P.register_parametrization(nn.Linear(3, 3), "weight", lambda w: jnp.exp(w))
+    w = m.weight
+    with torch.no_grad():
+        m.parametrizations.weight.original.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        w.sum().backward()
+
+
+def test_inplace_on_output_is_caught():
+    m = P.register_parametrization(nn.Linear(3, 3), "weight", lambda w: jnp.exp(w))
+    w = m.weight
+    y = w * 1  # keep w's grad_fn reachable
+    with torch.no_grad():
+        w.mul_(0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_double_backward_raises():
+    m = P.register_parametrization(nn.Linear(3, 3), "weight", lambda w: w**3)
+    orig = m.parametrizations.weight.original
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(m.weight.sum(), [orig], create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_complex_gradients_match_torch(dtype):
+    x = torch.randn(4, dtype=dtype)
+    ref = x.clone().requires_grad_()
+    (ref * ref.conj() * ref + ref.exp()).abs().sum().backward()
+    got = x.clone().requires_grad_()
+    link = _bridge.JaxParametrization(lambda z: z * jnp.conj(z) * z + jnp.exp(z))
+    link(got).abs().sum().backward()
+    torch.testing.assert_close(got.grad, ref.grad)
+
+
+def test_output_never_aliases_input():
+    x = torch.randn(3, 3, requires_grad=True)
+    y = _bridge.JaxParametrization(lambda w: w)(x)
+    assert y.data_ptr() != x.data_ptr()
+    with torch.no_grad():
+        z = _bridge.JaxParametrization(lambda w: w)(x)
+    assert z.data_ptr() != x.data_ptr()
+
+
+def test_cached_value_survives_optimizer_step():
+    m = P.register_parametrization(nn.Linear(3, 3), "weight", lambda w: w + w.T)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    with P.cached():
+        w = m.weight
+        before = w.detach().clone()
+        w.sum().backward()
+        opt.step()
+        torch.testing.assert_close(w.detach(), before)
+
+
+def test_non_contiguous_torch_link_output_feeds_jax_link():
+    class Transpose(nn.Module):
+        def forward(self, x):
+            return x.T
+
+    m = nn.Linear(4, 4)
+    P.register_parametrization(m, "weight", Transpose())
+    P.register_parametrization(m, "weight", lambda w: w * jnp.arange(4.0))
+    orig = m.parametrizations.weight.original
+    torch.testing.assert_close(m.weight, orig.T * torch.arange(4.0))
+
+
+def test_unaligned_input_is_copied_safely():
+    big = torch.randn(17)
+    view = big[1:]
+    assert view.data_ptr() % 64
+    out = _bridge.JaxParametrization(lambda v: v * 2)(view)
+    torch.testing.assert_close(out, view * 2)
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        to_jax(torch.zeros(2, dtype=torch.complex32))
+    with pytest.raises(ValueError, match="non-contiguous"):
+        to_jax(torch.zeros(3, 2).T)
+    with pytest.raises(ValueError, match="requires grad"):
+        to_jax(torch.zeros(2, requires_grad=True))
+    with pytest.raises(ValueError, match="does not see its device"):
+        to_jax(torch.zeros(2, device="meta"))
+    with pytest.raises(TypeError, match="expects a torch.Tensor"):
+        to_jax([1.0])
+    with pytest.raises(TypeError, match="concrete jax.Array"):
+        to_torch(1.0)
+    with pytest.raises(TypeError, match="must return a jax.Array"):
+        _bridge.JaxParametrization(lambda w: 1.0)(torch.zeros(2))
+    with pytest.raises(TypeError, match="must return a jax.Array"):
+        P.register_parametrization(nn.Linear(2, 2), "weight", lambda w: [w])
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        _bridge.JaxParametrization(lambda w: w)(torch.zeros(2, dtype=torch.complex32))
+
+
+def test_int_and_bool_pass_through():
+    out = _bridge.call_jax(
+        lambda i, b: jnp.where(b, i, 0),
+        torch.arange(4),
+        torch.tensor([1, 0, 1, 0]).bool(),
+        what="f",
+    )
+    assert out.tolist() == [0, 0, 2, 0]
+    assert out.dtype == torch.int64
+
+
+@pytest.mark.gpu
+def test_cuda_round_trip_zero_copy():
+    if not torch.cuda.is_available() or not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("needs a GPU visible to both torch and JAX")
+    t = torch.randn(4, 4, device="cuda", dtype=torch.float64)
+    a = to_jax(t)
+    assert a.unsafe_buffer_pointer() == t.data_ptr()
+    m = P.register_parametrization(nn.Linear(4, 4).cuda().double(), "weight", lambda w: w + w.T)
+    m.weight.sum().backward()
+    assert m.parametrizations.weight.original.grad.device.type == "cuda"
+
+
+# --------------------------------------------------------------------------- #
+# nnx.Module parametrizations
+# --------------------------------------------------------------------------- #
+
+
+class PowerScale(nnx.Module):
+    """Scales by a learned factor and by 1/sigma, sigma from a power iteration."""
+
+    def __init__(self, n):
+        self.scale = nnx.Param(jnp.ones(()))
+        self.inner = nnx.Dict(bias=nnx.Param(jnp.zeros(())))
+        self.u = nnx.BatchStat(jnp.ones((n,)) / jnp.sqrt(n))
+        self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+        self.deterministic = False
+
+    def __call__(self, w):
+        u = self.u[...]
+        if not self.deterministic:
+            v = jax.lax.stop_gradient(w).T @ u
+            u = jax.lax.stop_gradient(w) @ v
+            u = u / jnp.linalg.norm(u)
+            self.u[...] = u
+            self.calls[...] = self.calls[...] + 1
+        sigma = jnp.linalg.norm(w.T @ u)
+        return w * self.scale[...] / sigma + self.inner["bias"][...]
+
+    def right_inverse(self, w):
+        return w
+
+
+def _nnx_linear(n=4):
+    m = nn.Linear(n, n)
+    P.register_parametrization(m, "weight", PowerScale(n))
+    return m
+
+
+def test_nnx_state_dict_and_parameters():
+    m = _nnx_linear()
+    link = m.parametrizations.weight[0]
+    assert isinstance(link, NNXParametrization)
+    keys = set(m.state_dict())
+    assert {
+        "parametrizations.weight.0.scale",
+        "parametrizations.weight.0.inner.bias",
+        "parametrizations.weight.0.u",
+        "parametrizations.weight.0.calls",
+        "parametrizations.weight.original",
+    } <= keys
+    names = {n for n, _ in m.named_parameters()}
+    assert "parametrizations.weight.0.scale" in names
+    assert "parametrizations.weight.0.u" not in names
+
+
+def test_nnx_buffers_written_back_in_train_not_in_eval():
+    m = _nnx_linear()
+    link = m.parametrizations.weight[0]
+    u0 = link.u.clone()
+    c0 = int(link.calls)
+    _ = m.weight
+    assert int(link.calls) == c0 + 1
+    assert not torch.equal(link.u, u0)
+    m.eval()
+    assert link._skeleton.deterministic
+    u1, c1 = link.u.clone(), int(link.calls)
+    _ = m.weight
+    assert torch.equal(link.u, u1)
+    assert int(link.calls) == c1
+
+
+def test_nnx_params_trained_by_torch_optimizer_and_grads_match_reference():
+    m = _nnx_linear().eval()
+    link = m.parametrizations.weight[0]
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.randn(5, 4)
+    scale0 = link.scale.detach().clone()
+    opt.zero_grad()
+    m(x).pow(2).sum().backward()
+    # reference with torch ops
+    w = m.parametrizations.weight.original.detach().clone().requires_grad_()
+    s = link.scale.detach().clone().requires_grad_()
+    sigma = torch.linalg.norm(w.T @ link.u)
+    torch.nn.functional.linear(x, w * s / sigma + link.inner.bias, m.bias).pow(2).sum().backward()
+    torch.testing.assert_close(link.scale.grad, s.grad)
+    torch.testing.assert_close(m.parametrizations.weight.original.grad, w.grad)
+    opt.step()
+    assert not torch.equal(link.scale.detach(), scale0)
+
+
+def test_nnx_load_state_dict_round_trip():
+    a, b = _nnx_linear(), _nnx_linear()
+    _ = a.weight
+    with torch.no_grad():
+        a.parametrizations.weight[0].scale.fill_(3.0)
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    torch.testing.assert_close(a.weight, b.weight)
+    fresh = a.parametrizations.weight[0].to_nnx()
+    assert float(fresh.scale[...]) == 3.0
+
+
+def test_nnx_gradients_not_corrupted_by_write_back():
+    m = _nnx_linear()
+    w = m.weight  # train mode: u is written back after forward
+    _ = m.weight  # and again: the buffer changes between forward and backward
+    w.sum().backward()
+    assert torch.isfinite(m.parametrizations.weight.original.grad).all()
+
+
+def test_nnx_param_memory_is_owned_by_torch():
+    module = PowerScale(3)
+    m = nn.Linear(3, 3)
+    P.register_parametrization(m, "weight", module)
+    with torch.no_grad():
+        m.parametrizations.weight[0].scale.add_(1.0)
+    assert float(module.scale[...]) == 1.0
