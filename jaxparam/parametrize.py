@@ -144,26 +144,21 @@ class _Snapshot:
 
     @classmethod
     def take(cls, *modules: nnx.Module) -> _Snapshot:
+        # Every graph node reachable from the modules, not only the parametrized
+        # module and its ParametrizationLists: a link that is an nnx.Module (or any
+        # submodule) can have its Variables written by an evaluation that runs
+        # before a check fails (appending to a chain runs the chain).
         objects, values, seen = [], [], set()
-
-        def visit(obj: Any) -> None:
-            if id(obj) in seen:
-                return
-            seen.add(id(obj))
-            objects.append((obj, type(obj), dict(vars(obj))))
-            for v in vars(obj).values():
-                if isinstance(v, nnx.Variable) and id(v) not in seen:
-                    seen.add(id(v))
-                    values.append((v, v.get_raw_value(), dict(v.get_metadata())))
-            params = vars(obj).get("parametrizations")
-            if isinstance(params, nnx.Dict):
-                visit(params)
-                for plist in params.values():
-                    if isinstance(plist, ParametrizationList):
-                        visit(plist)
-
-        for m in modules:
-            visit(m)
+        for module in modules:
+            for _, node in nnx.iter_graph(module):
+                if id(node) in seen:
+                    continue
+                if isinstance(node, nnx.Variable):
+                    seen.add(id(node))
+                    values.append((node, node.get_raw_value(), dict(node.get_metadata())))
+                elif isinstance(node, nnx.Pytree):
+                    seen.add(id(node))
+                    objects.append((node, type(node), dict(vars(node))))
         return cls(objects, values)
 
     def restore(self) -> None:
