@@ -1,0 +1,504 @@
+"""Orthogonal and unitary maps, mirroring torch's `_Orthogonal` parametrization.
+
+In plain words, for ``X`` of shape ``(..., n, k)``::
+
+    if n < k: work on X^T (wide matrices are handled as tall ones), transpose back at the end
+    matrix_exp / cayley:
+        A = skew(pad(tril(X)))          # A = Y - Y^H, Y = [tril(X), 0] of shape (..., n, n)
+        Q = exp(A)[..., :k]             # or cayley(A) = (I - A/2)^{-1} (I + A/2)
+    householder (real only):
+        Q = H_1 ... H_k [..., :k] * trunc(diag(X))   # reflectors from tril(X, -1)
+    if use_trivialization: Q = base @ Q
+
+The right inverse, with ``use_trivialization=True``, stores an orthogonal ``base``
+(``Q`` itself, orthogonalized by QR when it is not orthogonal, completed to a
+square matrix with random columns when it is not square) and returns ``-I`` (so
+that ``orthogonal(-I, base) == Q``). With ``use_trivialization=False`` only
+``householder`` can be inverted, through ``geqrf``.
+
+All checks use static shapes and dtypes only, so every function is jit-safe; the
+maps are differentiable (``householder`` through the compact WY form, since
+``jax.lax.linalg.householder_product`` has no derivative rule; ``matrix_exp`` and
+``cayley`` through custom VJPs that cost a few matrix products).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "default_orthogonal_map",
+    "is_orthogonal",
+    "matrix_exp",
+    "orthogonal",
+    "orthogonal_right_inverse",
+]
+
+OrthogonalMap = Literal["matrix_exp", "cayley", "householder"]
+_MAPS = ("matrix_exp", "cayley", "householder")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def _mT(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _mH(x: jax.Array) -> jax.Array:
+    return jnp.conj(_mT(x))
+
+
+def _eye_like(x: jax.Array) -> jax.Array:
+    return jnp.eye(x.shape[-2], x.shape[-1], dtype=x.dtype)
+
+
+def _is_complex(x: jax.Array) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.complexfloating)
+
+
+# ---------------------------------------------------------------------------------------
+# Checks (static: shapes, dtypes and Python arguments only).
+
+
+def _check_matrix(x: jax.Array) -> None:
+    if x.ndim < 2:
+        raise ValueError(
+            "Expected a matrix or batch of matrices. "
+            f"Got a tensor of {x.ndim} dimensions.\n"
+            f"shape: {x.shape}"
+        )
+
+
+def _check_map(orthogonal_map: str, x: jax.Array) -> None:
+    if orthogonal_map not in _MAPS:
+        raise ValueError(
+            'orthogonal_map has to be one of "matrix_exp", "cayley", "householder". '
+            f"Got: {orthogonal_map}"
+        )
+    if orthogonal_map == "householder" and _is_complex(x):
+        raise ValueError(
+            "The householder parametrization does not support complex tensors.\n"
+            'fix: use orthogonal_map="matrix_exp" or "cayley" for complex weights'
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Matrix exponential: scaling and squaring of a Taylor polynomial, with a custom VJP.
+#
+# Forward: s = ceil(log2(|A|_1 / theta)), R = T_m(A / 2^s), then s squarings. One s for
+# the whole batch (no data-dependent branching per matrix).
+# Backward: the squarings' adjoints G <- G R_j^T + R_j^T G commute with each other (all
+# R_j are polynomials in A), so they run in the forward order, recomputing R_j, in O(n^2)
+# memory; then the VJP of the polynomial.
+
+# (degree, theta): the Taylor remainder theta^(m+1)/(m+1)! is below the unit roundoff.
+_TAYLOR = {4: (8, 0.5), 8: (18, 1.0)}  # keyed by the real itemsize
+
+
+def _taylor_params(dtype: jnp.dtype) -> tuple[int, float]:
+    itemsize = jnp.finfo(dtype).dtype.itemsize
+    return _TAYLOR[8] if itemsize >= 8 else _TAYLOR[4]
+
+
+def _taylor(b: jax.Array, degree: int) -> jax.Array:
+    """Paterson-Stockmeyer evaluation of sum_{j<=degree} b^j / j!."""
+    p = 3 if degree <= 8 else 4
+    eye = _eye_like(b)
+    powers = [eye, b]
+    for _ in range(2, p + 1):
+        powers.append(_mm(powers[-1], b))
+    coeffs = [1.0 / float(np.prod(np.arange(1, j + 1))) for j in range(degree + 1)]
+    n_blocks = degree // p + 1
+
+    def block(i: int) -> jax.Array:
+        terms = [coeffs[j] * powers[j - i * p] for j in range(i * p, min((i + 1) * p, degree + 1))]
+        return functools.reduce(jnp.add, terms)
+
+    out = block(n_blocks - 1)
+    for i in range(n_blocks - 2, -1, -1):
+        out = _mm(out, powers[p]) + block(i)
+    return out
+
+
+def _scaling(a: jax.Array, theta: float) -> tuple[jax.Array, jax.Array]:
+    norm = jnp.max(jnp.sum(jnp.abs(jax.lax.stop_gradient(a)), axis=-2))
+    s = jnp.ceil(jnp.log2(norm / theta))
+    s = jnp.where(jnp.isfinite(s), jnp.clip(s, 0, 64), 0).astype(jnp.int32)
+    scale = jnp.exp2(-s.astype(jnp.finfo(a.dtype).dtype)).astype(a.dtype)
+    return s, a * scale
+
+
+@jax.custom_vjp
+def matrix_exp(a: jax.Array) -> jax.Array:
+    """Matrix exponential of a (batch of) square matrices, cheap to differentiate.
+
+    Scaling and squaring of a Taylor polynomial (degree 8 in single precision, 18
+    in double), as torch's ``torch.matrix_exp`` does (which picks the degree per
+    matrix; here one scaling serves the whole batch). The VJP costs about three
+    matrix products per squaring and uses O(n^2) memory.
+
+    Args:
+        a: array of shape ``(..., n, n)``, real or complex.
+
+    Returns:
+        ``exp(a)``, same shape and dtype.
+
+    Raises:
+        ValueError: if ``a`` is not a (batch of) square matrices.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> matrix_exp(jnp.zeros((2, 2)))
+        Array([[1., 0.],
+               [0., 1.]], dtype=float32)
+    """
+    return _matrix_exp_fwd(a)[0]
+
+
+def _check_square(a: jax.Array) -> None:
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(
+            f"matrix_exp: expected a square matrix or a batch of square matrices.\nshape: {a.shape}"
+        )
+
+
+def _matrix_exp_fwd(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    _check_square(a)
+    degree, theta = _taylor_params(a.dtype)
+    s, b = _scaling(a, theta)
+    r = _taylor(b, degree)
+    r = jax.lax.fori_loop(0, s, lambda _, r: _mm(r, r), r)
+    return r, a
+
+
+def _matrix_exp_bwd(a: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    degree, theta = _taylor_params(a.dtype)
+    s, b = _scaling(a, theta)
+    r, poly_vjp = jax.vjp(functools.partial(_taylor, degree=degree), b)
+
+    def body(_, carry):
+        r, g = carry
+        rt = _mT(r)
+        return _mm(r, r), _mm(g, rt) + _mm(rt, g)
+
+    _, g = jax.lax.fori_loop(0, s, body, (r, g))
+    (gb,) = poly_vjp(g)
+    scale = jnp.exp2(-s.astype(jnp.finfo(a.dtype).dtype)).astype(a.dtype)
+    return (gb * scale,)
+
+
+matrix_exp.defvjp(_matrix_exp_fwd, _matrix_exp_bwd)
+
+
+# ---------------------------------------------------------------------------------------
+# Cayley map: (I - A/2)^{-1} (I + A/2) = 2 (I - A/2)^{-1} - I, with a VJP in two products:
+# d/dA gives  A_bar = M^{-T} G M^{-T}  where  M^{-1} = (Q + I) / 2.
+
+
+@jax.custom_vjp
+def _cayley(a: jax.Array) -> jax.Array:
+    return _cayley_fwd(a)[0]
+
+
+def _cayley_fwd(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    eye = _eye_like(a)
+    m_inv = jnp.linalg.inv(eye - 0.5 * a)
+    q = 2.0 * m_inv - eye
+    return q, m_inv
+
+
+def _cayley_bwd(m_inv: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    m_inv_t = _mT(m_inv)
+    return (_mm(_mm(m_inv_t, g), m_inv_t),)
+
+
+_cayley.defvjp(_cayley_fwd, _cayley_bwd)
+
+
+# ---------------------------------------------------------------------------------------
+# Householder product in compact WY form: H_1 ... H_k = I - V T V^T with
+# T^{-1} = striu(V^T V) + diag(1 / tau).
+
+
+def _householder_product(a: jax.Array, tau: jax.Array) -> jax.Array:
+    """First k columns of H_1 ... H_k, H_i = I - tau_i v_i v_i^T (LAPACK's orgqr)."""
+    n, k = a.shape[-2], a.shape[-1]
+    v = jnp.tril(a, -1) + jnp.eye(n, k, dtype=a.dtype)
+    vtv = _mm(_mT(v), v)
+    t_inv = jnp.triu(vtv, 1) + jnp.eye(k, dtype=a.dtype) / tau[..., None, :]
+    rhs = _mT(v[..., :k, :])
+    t_vt = jax.lax.linalg.triangular_solve(t_inv, rhs, left_side=True, lower=False)
+    return jnp.eye(n, k, dtype=a.dtype) - _mm(v, t_vt)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API.
+
+
+def default_orthogonal_map(X: jax.Array) -> OrthogonalMap:
+    """Torch's default map: ``"matrix_exp"`` if square or complex, else ``"householder"``.
+
+    Args:
+        X: the weight, shape ``(..., n, k)``.
+
+    Returns:
+        The name of the map `torch.nn.utils.parametrizations.orthogonal` would pick.
+
+    Raises:
+        ValueError: if ``X`` has fewer than 2 dimensions (torch's message).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> default_orthogonal_map(jnp.zeros((4, 3)))
+        'householder'
+    """
+    _check_matrix(X)
+    if X.shape[-2] == X.shape[-1] or _is_complex(X):
+        return "matrix_exp"
+    return "householder"
+
+
+def is_orthogonal(Q: jax.Array, eps: float | None = None) -> jax.Array:
+    """Whether ``Q^H Q`` is close to the identity, as torch's ``_is_orthogonal``.
+
+    ``torch.allclose(Q.mH @ Q, I, atol=eps)`` (``rtol=1e-5``) with torch's
+    ``eps = 10 * n * finfo(Q.dtype).eps``; one boolean for the whole batch.
+    Torch ignores its ``eps`` argument; here an explicit ``eps`` replaces the default.
+
+    Args:
+        Q: shape ``(..., n, k)`` with ``n >= k``.
+        eps: absolute tolerance; ``None`` for torch's.
+
+    Returns:
+        A scalar boolean array (jit-safe; no Python bool).
+
+    Raises:
+        ValueError: if ``Q`` has fewer than 2 dimensions.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> bool(is_orthogonal(jnp.eye(3)))
+        True
+    """
+    _check_matrix(Q)
+    n, k = Q.shape[-2], Q.shape[-1]
+    if eps is None:
+        eps = 10.0 * n * float(jnp.finfo(Q.dtype).eps)
+    eye = jnp.eye(k, dtype=Q.dtype)
+    return jnp.all(jnp.abs(_mm(_mH(Q), Q) - eye) <= eps + 1e-5 * jnp.abs(eye))
+
+
+def _make_orthogonal(a: jax.Array) -> jax.Array:
+    """Q of the QR decomposition of a tall ``a`` with real non-negative diag(R)."""
+    # jnp.linalg.qr is geqrf + orgqr, as torch's `_make_orthogonal`; diag(R) is diag(X).
+    q, r = jnp.linalg.qr(a, mode="reduced")
+    return q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+
+
+def _geqrf(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """LAPACK's ``geqrf`` for a real tall ``a`` (unblocked, ``dlarfg`` conventions).
+
+    Returns R on and above the diagonal, the reflectors (unit first entry implied)
+    below it, and ``tau``; ``tau = 0`` (``H = I``) where the column below the
+    diagonal is already zero. JAX has no public ``geqrf``.
+    """
+    n, k = a.shape[-2], a.shape[-1]
+    rows = jnp.arange(n)
+    cols = jnp.arange(k)
+
+    def body(j, carry):
+        a, tau = carry
+        col = jnp.take(a, j, axis=-1)
+        alpha = jnp.take(col, j, axis=-1)
+        x = jnp.where(rows > j, col, 0)
+        xnorm = jnp.sqrt(jnp.sum(x * x, axis=-1))
+        zero = xnorm == 0
+        beta = -jnp.copysign(jnp.hypot(alpha, xnorm), alpha)
+        safe_beta = jnp.where(zero, 1, beta)
+        t = jnp.where(zero, 0, (beta - alpha) / safe_beta)
+        scale = jnp.where(zero, 0, 1 / jnp.where(zero, 1, alpha - beta))
+        v = jnp.where(rows == j, 1, x * scale[..., None])
+        w = jnp.einsum("...n,...nk->...k", v, a, precision=_HIGHEST)
+        w = jnp.where(cols > j, w, 0)
+        a = a - t[..., None, None] * v[..., :, None] * w[..., None, :]
+        new_col = jnp.where(
+            rows < j, col, jnp.where(rows == j, jnp.where(zero, alpha, beta)[..., None], v)
+        )
+        a = jnp.where(cols == j, new_col[..., :, None], a)
+        tau = jnp.where(cols == j, t[..., None], tau)
+        return a, tau
+
+    tau = jnp.zeros((*a.shape[:-2], k), a.dtype)
+    return jax.lax.fori_loop(0, k, body, (a, tau))
+
+
+def orthogonal(
+    X: jax.Array,
+    base: jax.Array | None = None,
+    *,
+    orthogonal_map: OrthogonalMap,
+    use_trivialization: bool = True,
+) -> jax.Array:
+    """Maps ``X`` to an orthogonal (unitary) matrix, as torch's ``_Orthogonal.forward``.
+
+    For ``X`` of shape ``(..., n, k)`` the result has orthonormal columns when
+    ``n >= k`` and orthonormal rows otherwise (wide matrices are handled through
+    their transpose, as in torch). ``matrix_exp`` and ``cayley`` use
+    ``A = Y - Y^H`` with ``Y = [tril(X), 0]`` padded to square; ``householder`` (real
+    only) multiplies the reflectors stored below the diagonal of ``X`` and the
+    columns by ``trunc(diag(X))`` (torch's ``.int()``, no gradient). With
+    ``use_trivialization=True`` the result is ``base @ Q`` (``base`` is square of
+    size ``max(n, k)``, from `orthogonal_right_inverse`).
+
+    Args:
+        X: the unconstrained weight, shape ``(..., n, k)``, in torch's layout.
+        base: the trivialization base, shape ``(..., max(n, k), max(n, k))``; required
+            iff ``use_trivialization``.
+        orthogonal_map: ``"matrix_exp"``, ``"cayley"`` or ``"householder"``
+            (see `default_orthogonal_map`).
+        use_trivialization: whether to multiply by ``base`` (dynamic trivialization).
+
+    Returns:
+        The orthogonal matrix, same shape and dtype as ``X``.
+
+    Raises:
+        ValueError: if ``X`` has fewer than 2 dimensions, ``orthogonal_map`` is
+            unknown, ``householder`` is asked for a complex ``X`` (torch's messages),
+            or ``base`` is missing (or given) against ``use_trivialization``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> orthogonal(jnp.zeros((3, 3)), orthogonal_map="cayley", use_trivialization=False)
+        Array([[1., 0., 0.],
+               [0., 1., 0.],
+               [0., 0., 1.]], dtype=float32)
+    """
+    _check_matrix(X)
+    _check_map(orthogonal_map, X)
+    if use_trivialization and base is None:
+        raise ValueError(
+            "orthogonal: `base` is required when use_trivialization=True.\n"
+            "fix: take it from `orthogonal_right_inverse`, or pass use_trivialization=False"
+        )
+    if not use_trivialization and base is not None:
+        raise ValueError(
+            "orthogonal: `base` was given but use_trivialization=False.\n"
+            "fix: pass use_trivialization=True, or drop `base`"
+        )
+    n, k = X.shape[-2], X.shape[-1]
+    transposed = n < k
+    if transposed:
+        X = _mT(X)
+        n, k = k, n
+    if orthogonal_map in ("matrix_exp", "cayley"):
+        Y = jnp.tril(X)
+        if n != k:
+            Y = jnp.concatenate([Y, jnp.zeros((*Y.shape[:-1], n - k), Y.dtype)], axis=-1)
+        A = Y - _mH(Y)
+        Q = matrix_exp(A) if orthogonal_map == "matrix_exp" else _cayley(A)
+        if n != k:
+            Q = Q[..., :k]
+    else:
+        A = jnp.tril(X, -1)
+        tau = 2.0 / (1.0 + jnp.sum(A * A, axis=-2))
+        Q = _householder_product(A, tau)
+        signs = jnp.trunc(jax.lax.stop_gradient(jnp.diagonal(X, axis1=-2, axis2=-1)))
+        Q = Q * signs[..., None, :]
+    if use_trivialization:
+        Q = _mm(base, Q)
+    if transposed:
+        Q = _mT(Q)
+    return Q
+
+
+def orthogonal_right_inverse(
+    Q: jax.Array,
+    *,
+    orthogonal_map: OrthogonalMap,
+    use_trivialization: bool = True,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Finds ``(X, base)`` with ``orthogonal(X, base) == Q``, as torch's ``right_inverse``.
+
+    With ``use_trivialization=True``: ``base`` is ``Q`` (in the tall frame) when it
+    is square and orthogonal (`is_orthogonal`), its QR ``Q`` factor (with a
+    non-negative ``diag(R)``) when it is square but not orthogonal, and the QR
+    factor of ``Q`` completed by ``max(n, k) - min(n, k)`` standard normal columns
+    drawn from ``key`` when it is not square; ``X`` is ``-I`` (zeros with ``-1`` on
+    the diagonal), so ``orthogonal(X, base) == Q`` whenever ``Q`` is orthogonal.
+    The square-case choice is a ``jnp.where`` on both branches (jit-safe).
+
+    With ``use_trivialization=False`` (``householder`` only): ``X`` is the
+    ``geqrf`` of ``Q`` with the diagonal replaced by the signs (torch's encoding) and
+    ``base`` is ``None``.
+
+    Args:
+        Q: the target, shape ``(..., n, k)``.
+        orthogonal_map: the map used by `orthogonal`.
+        use_trivialization: whether `orthogonal` uses a ``base``.
+        key: a ``jax.random`` key; needed only to complete non-square ``Q`` with
+            ``use_trivialization=True`` (torch draws ``torch.randn`` there).
+
+    Returns:
+        ``(X, base)``; ``base`` is ``None`` when not trivializing.
+
+    Raises:
+        ValueError: if ``Q`` has fewer than 2 dimensions, the map is unknown or
+            ``householder`` with a complex ``Q`` (torch's messages), or ``key`` is
+            missing where one is needed.
+        NotImplementedError: for ``matrix_exp``/``cayley`` with
+            ``use_trivialization=False`` (torch's message).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> Q = jnp.eye(3)[:, :2]
+        >>> X, base = orthogonal_right_inverse(
+        ...     Q, orthogonal_map="householder", key=jax.random.key(0))
+        >>> bool(jnp.allclose(orthogonal(X, base, orthogonal_map="householder"), Q, atol=1e-6))
+        True
+    """
+    _check_matrix(Q)
+    _check_map(orthogonal_map, Q)
+    Q = jax.lax.stop_gradient(Q)
+    Q_init = Q
+    n, k = Q.shape[-2], Q.shape[-1]
+    transpose = n < k
+    if transpose:
+        Q = _mT(Q)
+        n, k = k, n
+    if not use_trivialization:
+        if orthogonal_map in ("cayley", "matrix_exp"):
+            raise NotImplementedError(
+                "It is not possible to assign to the matrix exponential "
+                "or the Cayley parametrizations when use_trivialization=False.\n"
+                'fix: use use_trivialization=True or orthogonal_map="householder"'
+            )
+        A, tau = _geqrf(Q)
+        d = jnp.sign(jnp.diagonal(A, axis1=-2, axis2=-1))
+        d = jnp.where(tau == 0.0, -d, d)
+        idx = jnp.arange(k)
+        A = A.at[..., idx, idx].set(d)
+        return (_mT(A) if transpose else A), None
+    if n == k:
+        base = jnp.where(is_orthogonal(Q), Q, _make_orthogonal(Q))
+    else:
+        if key is None:
+            raise ValueError(
+                "orthogonal_right_inverse: a `key` is required to complete a non-square "
+                "matrix into an orthogonal one.\n"
+                f"shape: {Q_init.shape}\n"
+                "fix: pass key=jax.random.key(...)"
+            )
+        N = jax.random.normal(key, (*Q.shape[:-2], n, n - k), Q.dtype)
+        base = _make_orthogonal(jnp.concatenate([Q, N], axis=-1))
+    neg_id = -jnp.eye(Q_init.shape[-2], Q_init.shape[-1], dtype=Q_init.dtype)
+    X = jnp.broadcast_to(neg_id, Q_init.shape)
+    return X, base

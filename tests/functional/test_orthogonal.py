@@ -1,0 +1,276 @@
+"""Differential tests of `jaxparam.functional.orthogonal` against torch's `_Orthogonal`."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.parametrizations import _is_orthogonal, _OrthMaps, _Orthogonal
+
+from jaxparam.functional import (
+    default_orthogonal_map,
+    is_orthogonal,
+    matrix_exp,
+    orthogonal,
+    orthogonal_right_inverse,
+)
+
+from ._helpers import assert_close, to_numpy, to_torch_dtype
+
+SHAPES = [(4, 4), (5, 3), (3, 5), (2, 4, 4), (2, 5, 3), (2, 1, 3, 4)]
+MAPS = ["matrix_exp", "cayley", "householder"]
+
+
+def _randn(rng, shape, dtype):
+    x = rng.standard_normal(shape)
+    if "complex" in dtype:
+        x = x + 1j * rng.standard_normal(shape)
+    return jnp.asarray(x, dtype)
+
+
+@functools.cache
+def _value_and_vjp(orthogonal_map, use_trivialization, jit):
+    def f(X, base, ct):
+        fun = functools.partial(
+            orthogonal, orthogonal_map=orthogonal_map, use_trivialization=use_trivialization
+        )
+        Q, vjp = jax.vjp(fun, X, base)
+        return Q, *vjp(ct)
+
+    return jax.jit(f) if jit else f
+
+
+def _torch_grad(t):
+    return to_numpy(t.grad)
+
+
+def _run(shape, orthogonal_map, dtype, use_trivialization, jit=True):
+    rng = np.random.default_rng(0)
+    X = _randn(rng, shape, dtype)
+    tX = to_torch_dtype(X, dtype)
+    mod = _Orthogonal(tX, getattr(_OrthMaps, orthogonal_map), use_trivialization=use_trivialization)
+    base = None
+    if use_trivialization:
+        n = max(shape[-2:])
+        base_np = _randn(rng, (*shape[:-2], n, n), dtype)
+        tb = to_torch_dtype(base_np, dtype, requires_grad=True)
+        mod.base = tb
+        base = base_np
+    tX.requires_grad_(True)
+    tQ = mod(tX)
+    ct = _randn(rng, shape, dtype)
+    # torch's complex gradient is the conjugate of JAX's VJP of the conjugate cotangent.
+    tQ.backward(to_torch_dtype(jnp.conj(ct), dtype))
+    Q, gX, gb = _value_and_vjp(orthogonal_map, use_trivialization, jit)(X, base, ct)
+    assert Q.shape == shape and Q.dtype == X.dtype
+    assert_close(Q, to_numpy(tQ), dtype)
+    assert_close(jnp.conj(gX), _torch_grad(tX), dtype)
+    if use_trivialization:
+        assert_close(jnp.conj(gb), _torch_grad(tb), dtype)
+
+
+@pytest.mark.parametrize("orthogonal_map", MAPS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_orthogonal_float32(shape, orthogonal_map):
+    _run(shape, orthogonal_map, "float32", use_trivialization=False)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("orthogonal_map", MAPS)
+def test_orthogonal_trivialization(orthogonal_map, jit):
+    _run((2, 5, 3), orthogonal_map, "float32", use_trivialization=True, jit=jit)
+    _run((3, 4), orthogonal_map, "float32", use_trivialization=True, jit=jit)
+
+
+@pytest.mark.parametrize("orthogonal_map", MAPS)
+@pytest.mark.parametrize("shape", [(4, 4), (5, 3), (2, 3, 5)])
+def test_orthogonal_float64(shape, orthogonal_map, x64):
+    _run(shape, orthogonal_map, "float64", use_trivialization=shape[-1] == 3)
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "complex128"])
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley"])
+@pytest.mark.parametrize("shape", [(4, 4), (2, 5, 3), (3, 4)])
+def test_orthogonal_complex(shape, orthogonal_map, dtype, x64):
+    _run(shape, orthogonal_map, dtype, use_trivialization=shape == (3, 4))
+
+
+def test_matrix_exp_large_norm(x64):
+    # Several squarings: compare with torch in float64 (tight) and float32 (relative).
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((2, 12, 12)) * 3.0
+    ct = rng.standard_normal((2, 12, 12))
+    tA = torch.from_numpy(A).requires_grad_(True)
+    tE = torch.matrix_exp(tA)
+    tE.backward(torch.from_numpy(ct))
+    E, vjp = jax.vjp(matrix_exp, jnp.asarray(A))
+    (g,) = vjp(jnp.asarray(ct))
+    scale = np.abs(tE.detach().numpy()).max()
+    assert np.abs(E - tE.detach().numpy()).max() <= 1e-10 * scale
+    assert np.abs(g - tA.grad.numpy()).max() <= 1e-10 * np.abs(tA.grad.numpy()).max()
+    E32 = matrix_exp(jnp.asarray(A, jnp.float32))
+    assert np.abs(E32 - tE.detach().numpy()).max() <= 1e-5 * scale
+
+
+# --- right inverse ----------------------------------------------------------------------
+
+
+def _torch_right_inverse(Q, orthogonal_map, use_trivialization):
+    tQ = torch.from_numpy(np.array(Q))
+    mod = _Orthogonal(tQ, getattr(_OrthMaps, orthogonal_map), use_trivialization=use_trivialization)
+    X = mod.right_inverse(tQ)
+    return mod, X
+
+
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("shape", [(4, 4), (5, 3), (3, 5), (2, 4, 3)])
+def test_right_inverse_householder_no_trivialization(shape, jit):
+    rng = np.random.default_rng(0)
+    Q = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    mod, tX = _torch_right_inverse(Q, "householder", False)
+    f = functools.partial(
+        orthogonal_right_inverse, orthogonal_map="householder", use_trivialization=False
+    )
+    X, base = (jax.jit(f) if jit else f)(Q)
+    assert base is None
+    assert_close(X, tX.numpy(), "float32")
+    # forward(right_inverse(Q)) is the orthogonalized Q, in both libraries.
+    Q2 = orthogonal(X, orthogonal_map="householder", use_trivialization=False)
+    assert_close(Q2, mod(tX).numpy(), "float32")
+    assert bool(is_orthogonal(Q2 if shape[-2] >= shape[-1] else jnp.swapaxes(Q2, -1, -2)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("orthogonal_map", MAPS)
+@pytest.mark.parametrize("shape", [(4, 4), (2, 4, 4)])
+def test_right_inverse_square(shape, orthogonal_map, dtype):
+    if orthogonal_map == "householder" and dtype == "complex64":
+        pytest.skip("torch: householder does not support complex")
+    rng = np.random.default_rng(0)
+    W = _randn(rng, shape, dtype)
+    f = jax.jit(functools.partial(orthogonal_right_inverse, orthogonal_map=orthogonal_map))
+    for target in (W, np.linalg.qr(np.asarray(W))[0]):  # not orthogonal, then orthogonal
+        target = jnp.asarray(target, dtype)
+        mod, tX = _torch_right_inverse(target, orthogonal_map, True)
+        X, base = f(target)
+        # Deterministic here: base is Q (orthogonal) or its QR factor.
+        assert_close(X, tX.numpy(), dtype)
+        assert_close(base, mod.base.numpy(), dtype)
+        Q = orthogonal(X, base, orthogonal_map=orthogonal_map)
+        assert_close(Q, mod(tX).numpy(), dtype)
+    # Orthogonal targets are reproduced exactly: orthogonal(right_inverse(Q)) == Q.
+    assert_close(Q, target, dtype)
+
+
+@pytest.mark.parametrize("orthogonal_map", MAPS)
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (2, 4, 2)])
+def test_right_inverse_non_square(shape, orthogonal_map):
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.standard_normal((*shape[:-2], max(shape[-2:]), min(shape[-2:]))))[0]
+    if shape[-2] < shape[-1]:
+        Q = np.swapaxes(Q, -1, -2)
+    Q = jnp.asarray(Q, jnp.float32)
+    mod, tX = _torch_right_inverse(Q, orthogonal_map, True)
+    X, base = orthogonal_right_inverse(Q, orthogonal_map=orthogonal_map, key=jax.random.key(0))
+    # Random completion: compare the deterministic parts and the properties.
+    assert_close(X, tX.numpy(), "float32")
+    n = max(shape[-2:])
+    assert base.shape == tuple(mod.base.shape) == (*shape[:-2], n, n)
+    assert bool(is_orthogonal(base))
+    k = min(shape[-2:])
+    Qt = Q if shape[-2] >= shape[-1] else jnp.swapaxes(Q, -1, -2)
+    assert_close(base[..., :k], Qt, "float32")  # first columns are Q (diag(R) = +1)
+    assert_close(orthogonal(X, base, orthogonal_map=orthogonal_map), Q, "float32")
+
+
+def test_right_inverse_is_deterministic_given_key():
+    Q = jnp.eye(5)[:, :2]
+    f = functools.partial(orthogonal_right_inverse, orthogonal_map="householder")
+    a = f(Q, key=jax.random.key(3))[1]
+    b = f(Q, key=jax.random.key(3))[1]
+    c = f(Q, key=jax.random.key(4))[1]
+    assert bool(jnp.all(a == b)) and not bool(jnp.all(a == c))
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (5, 3), (3, 7), (2, 6, 4)])
+def test_is_orthogonal_and_default_map(shape):
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.complex64):
+        W = rng.standard_normal(shape).astype(dtype)
+        tall = W if shape[-2] >= shape[-1] else np.swapaxes(W, -1, -2)
+        for M in (tall, np.linalg.qr(tall)[0]):
+            assert bool(is_orthogonal(jnp.asarray(M))) == _is_orthogonal(torch.from_numpy(M))
+        lin = torch.nn.Module()
+        lin.weight = torch.nn.Parameter(torch.from_numpy(W))
+        torch.nn.utils.parametrizations.orthogonal(lin)
+        expected = lin.parametrizations.weight[0].orthogonal_map.name
+        assert default_orthogonal_map(jnp.asarray(W)) == expected
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def _torch_error(exc, fn):
+    with pytest.raises(exc) as info:
+        fn()
+    return "^" + re.escape(str(info.value))
+
+
+def test_error_1d():
+    m = torch.nn.Module()
+    m.weight = torch.nn.Parameter(torch.randn(4))
+    match = _torch_error(ValueError, lambda: torch.nn.utils.parametrizations.orthogonal(m))
+    with pytest.raises(ValueError, match=match):
+        orthogonal(jnp.ones(4), orthogonal_map="cayley", use_trivialization=False)
+    with pytest.raises(ValueError, match=match):
+        orthogonal_right_inverse(jnp.ones(4), orthogonal_map="cayley")
+    with pytest.raises(ValueError, match=match):
+        default_orthogonal_map(jnp.ones(4))
+
+
+def test_error_unknown_map():
+    m = torch.nn.Linear(3, 3)
+    match = _torch_error(
+        ValueError, lambda: torch.nn.utils.parametrizations.orthogonal(m, orthogonal_map="qr")
+    )
+    with pytest.raises(ValueError, match=match):
+        orthogonal(jnp.ones((3, 3)), orthogonal_map="qr", use_trivialization=False)
+
+
+def test_error_householder_complex():
+    m = torch.nn.Module()
+    m.weight = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    match = _torch_error(
+        ValueError,
+        lambda: torch.nn.utils.parametrizations.orthogonal(m, orthogonal_map="householder"),
+    )
+    X = jnp.ones((4, 3), jnp.complex64)
+    with pytest.raises(ValueError, match=match):
+        orthogonal(X, orthogonal_map="householder", use_trivialization=False)
+    with pytest.raises(ValueError, match=match):
+        orthogonal_right_inverse(X, orthogonal_map="householder")
+
+
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley"])
+def test_error_right_inverse_without_trivialization(orthogonal_map):
+    # register_parametrization swallows this NotImplementedError; call right_inverse.
+    match = _torch_error(
+        NotImplementedError,
+        lambda: _torch_right_inverse(np.eye(3, dtype=np.float32), orthogonal_map, False),
+    )
+    with pytest.raises(NotImplementedError, match=match):
+        orthogonal_right_inverse(
+            jnp.eye(3), orthogonal_map=orthogonal_map, use_trivialization=False
+        )
+
+
+def test_error_base_mismatch():
+    with pytest.raises(ValueError, match="`base` is required"):
+        orthogonal(jnp.eye(3), orthogonal_map="cayley")
+    with pytest.raises(ValueError, match="`base` was given"):
+        orthogonal(jnp.eye(3), jnp.eye(3), orthogonal_map="cayley", use_trivialization=False)
+    with pytest.raises(ValueError, match="`key` is required"):
+        orthogonal_right_inverse(jnp.eye(3)[:, :2], orthogonal_map="cayley")
