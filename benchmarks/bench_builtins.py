@@ -1,0 +1,303 @@
+"""Training steps with each built-in parametrization, side by side in one run.
+
+A 3-layer MLP (``--width`` 512 for the norms, ``--orth-width`` 256 for
+orthogonal; ``--batch`` 64; float32), every kernel parametrized, one full
+training step (forward, backward, optax/torch SGD-momentum update):
+
+- ``jaxparam``: ``jaxparam.parametrizations.<builtin>`` under ``nnx.jit`` and
+  under ``nnx.cached_partial``;
+- ``floor``: the same math written by hand over a params pytree with the
+  functional core, one ``jax.jit`` (what the built-ins should cost);
+- ``torch``: torch eager with ``torch.nn.utils.parametrizations.<builtin>``;
+- ``flax``: flax's own ``nnx.WeightNorm`` / ``nnx.SpectralNorm`` under ``nnx.jit``;
+- ``equinox``: ``eqx.nn.WeightNorm`` / ``eqx.nn.SpectralNorm`` under
+  ``eqx.filter_jit`` (skipped when equinox is not installed).
+
+Ratios against torch eager are printed and written to
+``benchmarks/results/bench_builtins.json``.
+
+Usage: ``python benchmarks/bench_builtins.py [--kinds weight_norm,spectral_norm,orthogonal]``
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+from _timing import time_call, write_json
+from flax import nnx
+from torch.nn.utils import parametrizations as TP
+
+from jaxparam import functional as F
+from jaxparam import parametrizations as JP
+
+LR = 1e-3
+
+
+def tx():
+    return optax.sgd(LR, momentum=0.9)
+
+
+def mlp(width: int, seed: int) -> nnx.Sequential:
+    rngs = nnx.Rngs(seed)
+    return nnx.Sequential(
+        nnx.Linear(width, width, rngs=rngs),
+        jax.nn.relu,
+        nnx.Linear(width, width, rngs=rngs),
+        jax.nn.relu,
+        nnx.Linear(width, width, rngs=rngs),
+    )
+
+
+def linears(model):
+    return model.layers[::2]
+
+
+def parametrize_nnx(model, kind: str):
+    for i, layer in enumerate(linears(model)):
+        if kind == "weight_norm":
+            JP.weight_norm(layer)
+        elif kind == "spectral_norm":
+            JP.spectral_norm(layer, rngs=i)
+        else:
+            JP.orthogonal(layer, rngs=nnx.Rngs(i))
+    return model
+
+
+def torch_twin(model, kind: str):
+    """torch layers with the same numbers, then torch's built-in on each."""
+    layers = []
+    for layer in linears(model):
+        lin = torch.nn.Linear(layer.in_features, layer.out_features)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.array(layer.kernel[...]).T))
+            lin.bias.copy_(torch.from_numpy(np.array(layer.bias[...])))
+        getattr(TP, kind)(lin, "weight")
+        layers.append(lin)
+    return torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1], torch.nn.ReLU(), layers[2])
+
+
+def nnx_steps(model):
+    optimizer = nnx.Optimizer(model, tx(), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    cached = nnx.cached_partial(step, model, optimizer)
+    return (lambda x, y: step(model, optimizer, x, y)), cached
+
+
+def floor_step(model, kind: str):
+    """The built-in's math by hand: a params pytree and the functional core."""
+    params, state = [], []
+    for layer in linears(model):
+        plist = layer.parametrizations.kernel
+        b = layer.bias[...]
+        if kind == "weight_norm":
+            params.append({"g": plist.original0[...], "v": plist.original1[...], "b": b})
+        elif kind == "spectral_norm":
+            params.append({"w": plist.original[...], "b": b})
+            state.append(F.SpectralNormState(plist[0]._u[...], plist[0]._v[...]))
+        else:
+            params.append({"x": plist.original[...], "base": plist[0].base[...], "b": b})
+    opt = tx()
+
+    def kernel(p, s):
+        if kind == "weight_norm":
+            return F.weight_norm(p["g"], p["v"], 1), s
+        if kind == "spectral_norm":
+            return F.spectral_norm(p["w"], s, dim=1, training=True)
+        q = F.orthogonal(p["x"].T, p["base"].T, orthogonal_map=_map(p["x"]))
+        return q.T, s
+
+    def forward(params, state, x):
+        new_state = []
+        for i, p in enumerate(params):
+            k, s = kernel(p, state[i] if state else None)
+            new_state.append(s)
+            x = x @ k + p["b"]
+            if i < len(params) - 1:
+                x = jax.nn.relu(x)
+        return x, (new_state if state else state)
+
+    @jax.jit
+    def step(params, opt_state, state, x, y):
+        def loss_fn(params):
+            out, new_state = forward(params, state, x)
+            return jnp.mean((out - y) ** 2), new_state
+
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, state, loss
+
+    box = {"p": params, "o": opt.init(params), "s": state}
+
+    def call(x, y):
+        box["p"], box["o"], box["s"], loss = step(box["p"], box["o"], box["s"], x, y)
+        return loss
+
+    return call
+
+
+def _map(x):
+    return "matrix_exp" if x.shape[-1] == x.shape[-2] else "householder"
+
+
+def torch_step(model_t):
+    opt = torch.optim.SGD(model_t.parameters(), lr=LR, momentum=0.9)
+
+    def call(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = ((model_t(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return call
+
+
+def flax_own_step(width: int, seed: int, kind: str):
+    rngs = nnx.Rngs(seed)
+    wrap = {
+        "weight_norm": lambda lin: nnx.WeightNorm(lin, rngs=rngs),
+        "spectral_norm": lambda lin: nnx.SpectralNorm(lin, rngs=rngs),
+    }.get(kind)
+    if wrap is None:
+        return None
+    model = nnx.Sequential(
+        wrap(nnx.Linear(width, width, rngs=rngs)),
+        jax.nn.relu,
+        wrap(nnx.Linear(width, width, rngs=rngs)),
+        jax.nn.relu,
+        wrap(nnx.Linear(width, width, rngs=rngs)),
+    )
+    return nnx_steps(model)[0]
+
+
+def equinox_step(width: int, seed: int, kind: str):
+    try:
+        import equinox as eqx
+    except ImportError:
+        return None
+    if kind not in ("weight_norm", "spectral_norm"):
+        return None
+    keys = jax.random.split(jax.random.key(seed), 6)
+    layers = []
+    for i in range(3):
+        lin = eqx.nn.Linear(width, width, key=keys[i])
+        if kind == "weight_norm":
+            layers.append(eqx.nn.WeightNorm(lin))
+        else:
+            layers.append(eqx.nn.SpectralNorm(lin, "weight", key=keys[3 + i]))
+    if kind == "weight_norm":
+        model, state = layers, None
+
+        def forward(model, state, x):
+            for i, layer in enumerate(model):
+                x = jax.vmap(layer)(x)
+                if i < 2:
+                    x = jax.nn.relu(x)
+            return x, state
+    else:
+        model, state = eqx.nn.make_with_state(lambda: layers)()
+
+        def forward(model, state, x):
+            for i, layer in enumerate(model):
+                x, state = jax.vmap(layer, in_axes=(0, None), out_axes=(0, None))(x, state)
+                if i < 2:
+                    x = jax.nn.relu(x)
+            return x, state
+
+    opt = tx()
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state, state, x, y):
+        def loss_fn(model):
+            out, new_state = forward(model, state, x)
+            return jnp.mean((out - y) ** 2), new_state
+
+        (loss, state), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
+        updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+        return eqx.apply_updates(model, updates), opt_state, state, loss
+
+    box = {"m": model, "o": opt_state, "s": state}
+
+    def call(x, y):
+        box["m"], box["o"], box["s"], loss = step(box["m"], box["o"], box["s"], x, y)
+        return loss
+
+    return call
+
+
+def run(kind: str, width: int, args) -> dict:
+    key = jax.random.key(args.seed)
+    x = jax.random.normal(key, (args.batch, width))
+    y = jax.random.normal(jax.random.fold_in(key, 1), (args.batch, width))
+    xt, yt = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y))
+
+    model = parametrize_nnx(mlp(width, args.seed), kind)
+    model_t = torch_twin(mlp(width, args.seed), kind)
+    jit_step, cached_step = nnx_steps(model)
+    steps = {
+        "jaxparam_nnx_jit": lambda: jit_step(x, y),
+        "jaxparam_cached_partial": lambda: cached_step(x, y),
+        "floor_jax_jit": (lambda f: lambda: f(x, y))(floor_step(model, kind)),
+        "torch_eager": (lambda f: lambda: f(xt, yt))(torch_step(model_t)),
+    }
+    flax_own = flax_own_step(width, args.seed, kind)
+    if flax_own is not None:
+        steps["flax_own_nnx_jit"] = lambda: flax_own(x, y)
+    eqx_step = equinox_step(width, args.seed, kind)
+    if eqx_step is not None:
+        steps["equinox_filter_jit"] = lambda: eqx_step(x, y)
+
+    timings = {
+        name: time_call(fn, repeat=args.repeat, number=args.number) for name, fn in steps.items()
+    }
+    t_torch = timings["torch_eager"]["median_s"]
+    ratios = {f"{name} / torch_eager": tm["median_s"] / t_torch for name, tm in timings.items()}
+    t_floor = timings["floor_jax_jit"]["median_s"]
+    ratios["jaxparam_nnx_jit / floor"] = timings["jaxparam_nnx_jit"]["median_s"] / t_floor
+    ratios["jaxparam_cached_partial / floor"] = (
+        timings["jaxparam_cached_partial"]["median_s"] / t_floor
+    )
+    return {"width": width, "timings": timings, "ratios": ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kinds", default="weight_norm,spectral_norm,orthogonal")
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--orth-width", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--number", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    results = {"args": vars(args), "torch_threads": torch.get_num_threads()}
+    for kind in args.kinds.split(","):
+        width = args.orth_width if kind == "orthogonal" else args.width
+        res = run(kind, width, args)
+        results[kind] = res
+        print(f"== {kind} (width {width}, batch {args.batch}, float32)")
+        for name, tm in res["timings"].items():
+            print(
+                f"  {name:<26} {tm['median_s'] * 1e6:10.1f} us"
+                f"   (first call {tm['first_call_s'] * 1e3:8.1f} ms)"
+            )
+        for name, ratio in res["ratios"].items():
+            print(f"  {name:<40} {ratio:6.3f}x")
+    print(f"wrote {write_json('bench_builtins', results)}")
+
+
+if __name__ == "__main__":
+    main()
