@@ -66,9 +66,10 @@ try:  # The fast path: skip jax.dlpack.from_dlpack's Python overhead (~30 us).
     from jax._src.lib import _jax as _jaxlib
 
     _dlpack_to_buffer = _jaxlib.dlpack_managed_tensor_to_buffer
+    _buffer_to_dlpack = _jaxlib.buffer_to_dlpack_managed_tensor
     _JaxRuntimeError: type[Exception] = _jaxlib.JaxRuntimeError
 except (ImportError, AttributeError):  # pragma: no cover - other jaxlib versions
-    _dlpack_to_buffer = None
+    _dlpack_to_buffer = _buffer_to_dlpack = None
     _JaxRuntimeError = RuntimeError
 
 __all__ = [
@@ -177,9 +178,11 @@ def _import(t: torch.Tensor) -> jax.Array:
         return jax.dlpack.from_dlpack(t.detach(), device=jdev)
 
 
-def _export(a: jax.Array) -> torch.Tensor:
-    if next(iter(a.devices())).platform == "cpu":
-        return torch.utils.dlpack.from_dlpack(a.__dlpack__())
+def _export(a: jax.Array, cpu: bool | None = None) -> torch.Tensor:
+    if cpu is None:
+        cpu = next(iter(a.devices())).platform == "cpu"
+    if cpu and _buffer_to_dlpack is not None:
+        return torch.utils.dlpack.from_dlpack(_buffer_to_dlpack(a, stream=None))
     return torch.from_dlpack(a)
 
 
@@ -501,15 +504,38 @@ def _nnx_apply(graphdef, p_tree, b_tree, method: str):
 class _Entry:
     """One compiled forward for a chain structure + input shapes/dtypes."""
 
-    __slots__ = ("x64", "compiled", "diff_pos", "buf_pos", "mutated", "complex_pos")
+    __slots__ = (
+        "x64",
+        "cpu",
+        "compiled",
+        "diff_pos",
+        "buf_pos",
+        "mutated",
+        "conj",
+        "res_tree",
+        "res_specs",
+        "ct_spec",
+        "bwd",
+    )
 
-    def __init__(self, x64, compiled, diff_pos, buf_pos, mutated, complex_pos):
-        self.x64 = x64
-        self.compiled = compiled
-        self.diff_pos = diff_pos
-        self.buf_pos = buf_pos
-        self.mutated = mutated
-        self.complex_pos = complex_pos
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+
+    def backward(self) -> Any:
+        """The compiled VJP ``(residual leaves, cotangent) -> grads`` (built once)."""
+        if self.bwd is None:
+            res_tree, conj = self.res_tree, self.conj
+
+            def bwd(leaves, ct):
+                vjp_fn = jax.tree_util.tree_unflatten(res_tree, leaves)
+                if conj:  # torch's complex gradient convention is the conjugate of JAX's
+                    return [jnp.conj(g) for g in vjp_fn(jnp.conj(ct))]
+                return list(vjp_fn(ct))
+
+            with _x64_ctx(self.x64):
+                self.bwd = jax.jit(bwd).trace(self.res_specs, self.ct_spec).lower().compile()
+        return self.bwd
 
 
 _entries: dict[Any, _Entry] = {}
@@ -569,6 +595,9 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     complex_pos = tuple(i for i in diff_pos if dtypes[i] in _COMPLEX)
     x64 = any(d in _X64 for d in dtypes)
     mutated: list[int] = []
+    res_tree: list[Any] = []
+    res_specs: list[Any] = []
+    ct_spec: list[Any] = []
 
     def record(flat, new_bufs):
         # Trace time: an unchanged buffer comes back as the very same tracer.
@@ -586,7 +615,15 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
                 return core(full)
 
             y, vjp_fn, new_bufs = jax.vjp(f, *(flat[i] for i in diff_pos), has_aux=True)
-            return y, record(flat, new_bufs), vjp_fn
+            # Residuals leave the compiled call as flat arrays; the treedef
+            # (which holds the linearized jaxpr) is recorded once, here.
+            leaves, res_tree[:] = (
+                jax.tree_util.tree_flatten(vjp_fn)[0],
+                [jax.tree_util.tree_structure(vjp_fn)],
+            )
+            res_specs[:] = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
+            ct_spec[:] = [jax.ShapeDtypeStruct(y.shape, y.dtype)]
+            return y, record(flat, new_bufs), leaves
     else:
 
         def fwd(*flat):
@@ -596,7 +633,19 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
     with _x64_ctx(x64):
         compiled = jax.jit(fwd).trace(*specs).lower().compile()
-    entry = _Entry(x64, compiled, diff_pos, tuple(buf_pos), tuple(mutated), complex_pos)
+    entry = _Entry(
+        x64=x64,
+        cpu=all(t.device.type == "cpu" for t in tensors),
+        compiled=compiled,
+        diff_pos=diff_pos,
+        buf_pos=tuple(buf_pos),
+        mutated=tuple(mutated),
+        conj=bool(complex_pos)
+        or (bool(ct_spec) and jnp.issubdtype(ct_spec[0].dtype, jnp.complexfloating)),
+        res_tree=res_tree[0] if res_tree else None,
+        res_specs=list(res_specs),
+        ct_spec=ct_spec[0] if ct_spec else None,
+    )
     _entries[key] = entry
     return entry
 
@@ -625,25 +674,19 @@ def _run(entry: _Entry, tensors: Sequence[torch.Tensor]):
     arrays = [_import(t) for t in tensors]
     with _x64_ctx(entry.x64):
         out = entry.compiled(*arrays)
-    y = _export(out[0])
+    cpu = entry.cpu
+    y = _export(out[0], cpu)
     ptr = y.data_ptr()
-    if any(ptr == t.data_ptr() for t in tensors) and y.numel():
-        y = y.clone()  # never hand torch memory that aliases an input
+    for t in tensors:
+        if ptr == t.data_ptr() and y.numel():
+            y = y.clone()  # never hand torch memory that aliases an input
+            break
     if entry.mutated:
+        # The computation finished (y is exported), so no XLA read is pending.
         with torch.no_grad():
             for i, new in zip(entry.mutated, out[1], strict=True):
-                tensors[entry.buf_pos[i]].copy_(_export(new))
+                tensors[entry.buf_pos[i]].copy_(_export(new, cpu))
     return y, out
-
-
-@jax.jit
-def _bwd_plain(vjp_fn, ct):
-    return vjp_fn(ct)
-
-
-@jax.jit
-def _bwd_conj(vjp_fn, ct):
-    return jax.tree.map(jnp.conj, vjp_fn(jnp.conj(ct)))
 
 
 class _JaxFunction(torch.autograd.Function):
@@ -651,8 +694,9 @@ class _JaxFunction(torch.autograd.Function):
     def forward(ctx, entry: _Entry, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         y, out = _run(entry, tensors)
         ctx.entry = entry
-        ctx.vjp_fn = out[2]
-        ctx.y_dtype = y.dtype
+        ctx.residuals = out[2]  # JAX arrays, never exposed to torch
+        # Saved (inputs and output) so that torch's version counter catches
+        # an in-place edit between forward and backward.
         ctx.save_for_backward(*(tensors[i] for i in entry.diff_pos), y)
         return y
 
@@ -671,16 +715,19 @@ class _JaxFunction(torch.autograd.Function):
         if not grad.is_contiguous():
             grad = grad.contiguous()
         ct = _import(grad)
-        conj = bool(entry.complex_pos) or ctx.y_dtype in _COMPLEX
+        bwd = entry.backward()
         with _x64_ctx(entry.x64):
-            grads = (_bwd_conj if conj else _bwd_plain)(ctx.vjp_fn, ct)
-        result: list[torch.Tensor | None] = [None] * (len(ctx.needs_input_grad) - 1)
+            grads = bwd(ctx.residuals, ct)
+        needs = ctx.needs_input_grad
+        result: list[torch.Tensor | None] = [None] * (len(needs) - 1)
+        cpu = entry.cpu
         for i, g in zip(entry.diff_pos, grads, strict=True):
-            if ctx.needs_input_grad[i + 1]:
-                result[i] = _export(g)
+            if needs[i + 1]:
+                result[i] = _export(g, cpu)
         return (None, *result)
 
 
+@torch.compiler.disable  # opaque to dynamo: a clean graph break, JAX runs eagerly
 def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Runs consecutive JAX links as one compiled computation.
 
