@@ -370,6 +370,12 @@ class ParametrizationList(nnx.Module):
         graphdef, state = nnx.split(self)
         if _contains_tracer(jax.tree.leaves(state)):
             return self()
+        try:
+            hash(graphdef)
+        except TypeError:
+            # A link that is an unhashable callable (a class defining __eq__ and
+            # no __hash__) is a static attribute jit cannot key on: run inline.
+            return self()
         value, changed = _run_compiled(graphdef, state)
         if changed is not None:
             nnx.update(self, changed)
