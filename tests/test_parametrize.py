@@ -14,6 +14,9 @@ import pytest
 import torch
 import torch.nn.utils.parametrize as TP
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch import nn
 
 import jaxparam.parametrize as P
@@ -648,6 +651,46 @@ def test_remove_unparametrized_name(parametrized):
         repr(tm),
         type(jm).__name__,
     )
+
+
+class UnhashableScale:
+    """A callable link that defines __eq__ but not __hash__ (so it is unhashable)."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def __eq__(self, other):
+        return isinstance(other, UnhashableScale) and other.c == self.c
+
+    def __call__(self, x):
+        return self.c * x
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_unhashable_callable_link(jit):
+    jm, tm = JM(), TM()
+    register_both(jm, tm, "weight", (UnhashableScale(2.0), lambda: TLink(lambda x: 2.0 * x)))
+    assert_close(read(jm, "weight", jit), tm.weight)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32,
+        (3, 3),
+        elements=st.floats(-100, 100, width=32, allow_nan=False, allow_infinity=False),
+    )
+)
+def test_assign_then_read_round_trip(a):
+    # right_inverse is a right inverse: reading back an assigned symmetric matrix
+    # through a chain gives it back.
+    a = (a + a.T) / 2
+    jm = JM()
+    P.register_parametrization(jm, "weight", j_sym)
+    P.register_parametrization(jm, "weight", j_double)
+    P.register_parametrization(jm, "weight", j_plus_one)
+    jm.weight = a
+    np.testing.assert_allclose(np.asarray(jm.weight[...]), a, rtol=1e-5, atol=1e-4)
 
 
 def test_not_callable_parametrization():
