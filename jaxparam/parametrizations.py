@@ -40,9 +40,12 @@ from jaxparam import functional as F
 from jaxparam.parametrize import register_parametrization
 
 __all__ = [
+    "Orthogonal",
+    "OrthogonalBase",
     "PowerIteration",
     "SpectralNorm",
     "WeightNorm",
+    "orthogonal",
     "spectral_norm",
     "weight_norm",
 ]
@@ -268,3 +271,143 @@ def _key(rngs: nnx.Rngs | jax.Array | int) -> jax.Array:
     if isinstance(rngs, int):
         return jax.random.key(rngs)
     return jnp.asarray(rngs) if not isinstance(rngs, jax.Array) else rngs
+
+
+# ---------------------------------------------------------------------------
+# orthogonal
+# ---------------------------------------------------------------------------
+
+
+def _mT(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+class OrthogonalBase(nnx.Variable):
+    """The dynamic-trivialization base of :class:`Orthogonal` (torch's ``base`` buffer).
+
+    Stored in torch's frame, exactly as torch stores it, so checkpoints map one to one.
+    """
+
+
+class Orthogonal(nnx.Module):
+    """An orthogonal (unitary) matrix, or batch of them, as torch's ``_Orthogonal``.
+
+    Acts on the last two axes of the Flax array, through torch's orientation: a
+    Flax kernel ``(..., in, out)`` is seen as torch's ``(..., out, in)``, so the
+    numbers (and ``base``) are exactly torch's. With ``use_trivialization=True``
+    the result is ``base @ map(X)`` and ``base`` (an ``OrthogonalBase`` Variable,
+    not a ``Param``) is reset by every ``right_inverse``. ``right_inverse`` needs
+    randomness to complete a non-square matrix (torch draws ``torch.randn``); it
+    comes from the link's own ``rngs``.
+    """
+
+    def __init__(
+        self,
+        weight: jax.Array,
+        orthogonal_map: str,
+        *,
+        use_trivialization: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        if jnp.iscomplexobj(weight) and orthogonal_map == "householder":
+            raise ValueError("The householder parametrization does not support complex tensors.")
+        self.shape = tuple(weight.shape)
+        self.orthogonal_map = orthogonal_map
+        self.use_trivialization = use_trivialization
+        self.rngs = rngs
+        if use_trivialization:
+            n = max(weight.shape[-2:])
+            self.base = OrthogonalBase(jnp.zeros((*weight.shape[:-2], n, n), weight.dtype))
+
+    def __call__(self, X: jax.Array) -> jax.Array:
+        base = self.base[...] if self.use_trivialization else None
+        Q = F.orthogonal(
+            _mT(X),
+            base,
+            orthogonal_map=self.orthogonal_map,
+            use_trivialization=self.use_trivialization,
+        )
+        return _mT(Q)
+
+    def right_inverse(self, Q: jax.Array) -> jax.Array:
+        if tuple(Q.shape) != self.shape:
+            raise ValueError(
+                f"Expected a matrix or batch of matrices of shape {self.shape}. "
+                f"Got a tensor of shape {tuple(Q.shape)}."
+            )
+        X, base = F.orthogonal_right_inverse(
+            jax.lax.stop_gradient(_mT(Q)),
+            orthogonal_map=self.orthogonal_map,
+            use_trivialization=self.use_trivialization,
+            key=self.rngs.params() if self.use_trivialization else None,
+        )
+        if self.use_trivialization:
+            self.base[...] = base
+        return _mT(X)
+
+
+def orthogonal(
+    module: nnx.Module,
+    name: str = "kernel",
+    orthogonal_map: str | None = None,
+    *,
+    use_trivialization: bool = True,
+    rngs: nnx.Rngs | jax.Array | int = 0,
+) -> nnx.Module:
+    """Make ``module.<name>`` an orthogonal (unitary) matrix, as torch's ``orthogonal``.
+
+    The weight ``(..., n, k)`` gets orthonormal columns if tall, orthonormal rows if
+    wide (a batch of matrices over the leading axes). Maps: ``"matrix_exp"``
+    (default for square or complex weights), ``"cayley"``, ``"householder"``
+    (default otherwise; real only). With ``use_trivialization=True`` (default) the
+    value is ``base @ map(X)``: ``original`` starts at ``-I`` and ``base`` (at
+    ``parametrizations.<name>.0.base``) holds the weight made orthogonal, so the
+    initial value is the weight's orthogonal projection, as in torch. Assigning
+    ``module.<name> = Q`` works as in torch.
+
+    Args:
+      module: the NNX module.
+      name: the Variable to parametrize.
+      orthogonal_map: ``"matrix_exp"``, ``"cayley"``, ``"householder"`` or ``None``
+        (torch's default choice).
+      use_trivialization: use the dynamic trivialization (torch's default).
+      rngs: randomness for completing non-square matrices in ``right_inverse``
+        (torch uses its global generator): an ``nnx.Rngs``, a key, or an int seed.
+
+    Returns:
+      The module.
+
+    Raises:
+      ValueError: ``name`` is not a Variable of the module, the weight has fewer
+        than 2 dimensions, the map is unknown, or ``householder`` on a complex
+        weight (torch's messages).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxparam.parametrizations import orthogonal
+      >>> layer = orthogonal(nnx.Linear(3, 5, rngs=nnx.Rngs(0)))
+      >>> k = layer.kernel[...]
+      >>> bool(jnp.allclose(k @ k.T, jnp.eye(3), atol=1e-5))
+      True
+    """
+    weight = _variable(module, name).get_value()
+    if weight.ndim < 2:
+        raise ValueError(
+            f"Expected a matrix or batch of matrices. Got a tensor of {weight.ndim} dimensions."
+        )
+    if orthogonal_map is None:
+        orthogonal_map = F.default_orthogonal_map(_mT(weight))
+    if orthogonal_map not in ("matrix_exp", "cayley", "householder"):
+        raise ValueError(
+            'orthogonal_map has to be one of "matrix_exp", "cayley", "householder". '
+            f"Got: {orthogonal_map}"
+        )
+    key = _key(rngs)
+    link = Orthogonal(
+        weight,
+        orthogonal_map,
+        use_trivialization=use_trivialization,
+        rngs=nnx.Rngs(params=key),
+    )
+    return register_parametrization(module, name, link, unsafe=True)

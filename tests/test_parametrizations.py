@@ -15,7 +15,7 @@ from flax import nnx
 from torch.nn.utils import parametrizations as TP
 
 import jaxparam.parametrize as P
-from jaxparam.parametrizations import PowerIteration, spectral_norm, weight_norm
+from jaxparam.parametrizations import PowerIteration, orthogonal, spectral_norm, weight_norm
 
 # -- layouts: torch weight -> flax kernel --------------------------------------
 
@@ -275,3 +275,133 @@ def test_training_matches_torch(builtin):
         np.testing.assert_allclose(float(loss), tloss.detach().item(), rtol=1e-5, atol=1e-6)
     for t, f in ((t1, f1), (t2, f2)):
         np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-5)
+
+
+# -- orthogonal -------------------------------------------------------------------
+
+ORTH_CASES = [
+    (din, dout, m, triv)
+    for din, dout in [(3, 5), (5, 3), (4, 4)]
+    for m in ("matrix_exp", "cayley", "householder")
+    for triv in (True, False)
+    if triv or m == "householder"
+]
+
+
+def orthogonal_pair(din, dout, m, triv):
+    t, f, _ = linear_pair(din, dout)
+    torch.manual_seed(0)
+    TP.orthogonal(t, "weight", m, use_trivialization=triv)
+    orthogonal(f, orthogonal_map=m, use_trivialization=triv, rngs=nnx.Rngs(0))
+    if triv:
+        # torch completes non-square matrices with torch.randn: take its draw
+        base = np_(t.parametrizations.weight[0].base)
+        f.parametrizations.kernel[0].base[...] = jnp.asarray(base)
+    return t, f
+
+
+@pytest.mark.parametrize(("din", "dout", "m", "triv"), ORTH_CASES)
+def test_orthogonal_matches_torch_and_trains_alike(din, dout, m, triv):
+    t, f = orthogonal_pair(din, dout, m, triv)
+    np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-6)
+    np.testing.assert_allclose(
+        np_(f.parametrizations.kernel.original[...]),
+        np_(t.parametrizations.weight.original).T,
+        atol=1e-6,
+    )
+    x = np.random.randn(4, din).astype(np.float32)
+    y = np.random.randn(4, dout).astype(np.float32)
+    opt = nnx.Optimizer(f, optax.sgd(0.1), wrt=nnx.Param)
+    topt = torch.optim.SGD(t.parameters(), lr=0.1)
+
+    @nnx.jit
+    def step(f, opt, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(f)
+        opt.update(f, grads)
+        return loss
+
+    for _ in range(3):
+        step(f, opt, jnp.asarray(x), jnp.asarray(y))
+        topt.zero_grad()
+        ((t(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean().backward()
+        topt.step()
+    np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", ["matrix_exp", "cayley", "householder"])
+def test_orthogonal_assignment_matches_torch(m):
+    t, f = orthogonal_pair(5, 3, m, True)
+    q = np.linalg.qr(np.random.randn(5, 3))[0].astype(np.float32)  # flax (in, out)
+    with torch.no_grad():
+        t.weight = torch.from_numpy(q.T.copy())
+    f.kernel = jnp.asarray(q)
+    np.testing.assert_allclose(np_(f.kernel[...]), q, atol=1e-5)
+    np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-5)
+    with pytest.raises(ValueError, match="Expected a matrix or batch of matrices of shape"):
+        f.kernel = jnp.zeros((3, 5))
+
+
+def test_orthogonal_householder_without_trivialization_assignment():
+    t, f = orthogonal_pair(5, 3, "householder", False)
+    q = np.linalg.qr(np.random.randn(5, 3))[0].astype(np.float32)
+    with torch.no_grad():
+        t.weight = torch.from_numpy(q.T.copy())
+    f.kernel = jnp.asarray(q)
+    np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-5)
+
+
+def test_orthogonal_errors_match_torch():
+    cases = [
+        (lambda: torch.nn.LayerNorm(3), lambda: nnx.LayerNorm(3, rngs=nnx.Rngs(0)), {}),
+        (
+            lambda: torch.nn.Linear(3, 3),
+            lambda: nnx.Linear(3, 3, rngs=nnx.Rngs(0)),
+            {"orthogonal_map": "qr"},
+        ),
+    ]
+    for make_t, make_f, kwargs in cases:
+        t, f = make_t(), make_f()
+        name = "scale" if isinstance(f, nnx.LayerNorm) else "kernel"
+        with pytest.raises(ValueError) as torch_err:
+            TP.orthogonal(t, "weight", **kwargs)
+        with pytest.raises(ValueError) as ours:
+            orthogonal(f, name, **kwargs)
+        assert str(ours.value) == str(torch_err.value)
+        assert not P.is_parametrized(f)
+    f = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="It is not possible to assign"):
+        orthogonal(f, orthogonal_map="cayley", use_trivialization=False)
+        f.kernel = jnp.eye(3)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+def test_orthogonal_complex_householder_refused():
+    t = torch.nn.Linear(3, 3).to(torch.complex64)
+    with pytest.raises(ValueError) as torch_err:
+        TP.orthogonal(t, "weight", "householder")
+    f = nnx.Linear(3, 3, param_dtype=jnp.complex64, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError) as ours:
+        orthogonal(f, orthogonal_map="householder")
+    assert str(ours.value) == str(torch_err.value)
+
+
+@pytest.mark.parametrize("m", ["matrix_exp", "cayley", "householder"])
+def test_orthogonal_stays_orthogonal_after_many_large_steps(m):
+    n = 16
+    f = nnx.Linear(n, n, rngs=nnx.Rngs(0))
+    orthogonal(f, orthogonal_map=m)
+    opt = nnx.Optimizer(f, optax.sgd(1.0), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(0), (32, n))
+    y = jax.random.normal(jax.random.key(1), (32, n))
+
+    @nnx.jit
+    def step(f, opt):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(f)
+        opt.update(f, grads)
+
+    fast_step = nnx.cached_partial(step, f, opt)
+    for _ in range(1000):
+        fast_step()
+    k = f.kernel[...]
+    err = float(jnp.max(jnp.abs(k.T @ k - jnp.eye(n))))
+    assert err <= 10 * n * float(jnp.finfo(jnp.float32).eps), err
