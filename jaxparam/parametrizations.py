@@ -5,27 +5,13 @@ module through :func:`jaxparam.parametrize.register_parametrization`, with torch
 choice of ``unsafe``, and compute with the shared functional core
 (:mod:`jaxparam.functional`), so their numbers are torch's.
 
-Layouts (the one place this is stated; see also ``docs/builtins.md``): a Flax
-kernel is ``(..., in, out)`` where torch's weight is ``(out, in, ...)``. The
-built-ins take ``dim`` as an axis of the **Flax** array, and their default means
-what torch's default means, "per output feature":
-
-============================  ===================  ===========================
-layer (Flax / torch)          Flax array           default ``dim`` (torch's)
-============================  ===================  ===========================
-``Linear`` / ``Linear``       ``(in, out)``        ``-1``  (torch ``0``)
-``Conv`` / ``ConvNd``         ``(*k, in, out)``    ``-1``  (torch ``0``)
-``ConvTranspose`` / ``..Nd``  ``(*k, in, out)``    ``-1``  (torch ``1`` for
-                                                   spectral norm)
-``Embed`` / ``Embedding``     ``(num, features)``  ``0``   (torch ``0``)
-anything else                 any                  ``-1``
-============================  ===================  ===========================
-
-Unlike torch's ``weight_norm``, where ``dim=-1`` means "the whole tensor", a
-negative ``dim`` here is an ordinary axis; pass ``dim=None`` for the whole tensor.
-``orthogonal`` acts on the last two axes and computes torch's map on the torch
-orientation ``(out, in)`` of each matrix, so a Flax ``Linear`` gets exactly the
-numbers torch's ``Linear`` gets (transposed).
+Layouts: a Flax kernel is ``(..., in, out)`` where torch's weight is
+``(out, in, ...)``. The built-ins take ``dim`` as an axis of the **Flax** array,
+and their default means what torch's default means, "per output feature": the
+last axis, except ``0`` for ``nnx.Embed``'s embedding. A negative ``dim`` is an
+ordinary axis (unlike torch's ``weight_norm``, where ``-1`` means the whole
+tensor); ``dim=None`` is the whole tensor. The full table, torch to Flax, is in
+``docs/builtins.md``.
 """
 
 from __future__ import annotations
