@@ -62,6 +62,9 @@ from flax.core import meta
 from flax.core.scope import in_filter, union_filters
 from flax.nnx import variablelib
 
+from jaxparam import functional as F
+from jaxparam.parametrizations import Orthogonal, SpectralNorm, WeightNorm
+
 __all__ = [
     "BUFFERS",
     "ChainSpec",
@@ -1062,8 +1065,6 @@ def weight_norm(
       >>> v["params"]["parametrizations"]["kernel"]["original0"].shape
       (1, 4)
     """
-    from jaxparam.parametrizations import WeightNorm
-
     path = _as_path(path)
     weight = _leaf(variables, path) if path not in (spec or ()) else None
     ndim = (
@@ -1124,8 +1125,6 @@ def spectral_norm(
       >>> bool(abs(jnp.linalg.norm(w, ord=2) - 1) < 1e-3)
       True
     """
-    from jaxparam.parametrizations import SpectralNorm
-
     path = _as_path(path)
     weight = _current(variables, path, spec)
     flax_dim = _resolve_dim(path, dim, weight.ndim)
@@ -1151,7 +1150,7 @@ def orthogonal(
     The link is :class:`jaxparam.parametrizations.Orthogonal` (the NNX built-in's
     numbers); its ``base`` lives in the ``buffers`` collection and its random
     stream (for completing non-square matrices in ``right_inverse``) too, as raw
-    key data. Needs the NNX built-in ``jaxparam.parametrizations.orthogonal``.
+    key data. :func:`assign` resets ``base``, as torch's assignment does.
 
     Args:
       variables: the linen variables; not modified.
@@ -1168,15 +1167,19 @@ def orthogonal(
     Raises:
       ValueError: no array at ``path``; fewer than 2 dimensions; unknown map;
         householder on a complex weight (torch's messages).
-      NotImplementedError: the NNX ``Orthogonal`` link is not available.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> import jaxparam.linen as PL
+      >>> v = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 5)))
+      >>> v, spec = PL.orthogonal(v, "params/kernel")
+      >>> sorted(v["buffers"]["parametrizations"]["kernel"]["0"])
+      ['base', 'rngs']
+      >>> w = PL.get_parametrized(v, "params/kernel", spec=spec)
+      >>> bool(jnp.allclose(w.T @ w, jnp.eye(3), atol=1e-5))
+      True
     """
-    try:
-        from jaxparam.parametrizations import Orthogonal
-    except ImportError as e:  # pragma: no cover - depends on the NNX side
-        raise NotImplementedError(
-            "jaxparam.parametrizations.Orthogonal is not available in this version."
-        ) from e
-    from jaxparam import functional as F
 
     path = _as_path(path)
     weight = _current(variables, path, spec)
