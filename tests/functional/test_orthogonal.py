@@ -20,7 +20,7 @@ from jaxparam.functional import (
 
 from ._helpers import assert_close, to_numpy, to_torch_dtype
 
-SHAPES = [(4, 4), (5, 3), (3, 5), (2, 4, 4), (2, 5, 3), (2, 1, 3, 4)]
+SHAPES = [(4, 4), (3, 5), (2, 5, 3), (2, 1, 3, 4)]
 MAPS = ["matrix_exp", "cayley", "householder"]
 
 
@@ -81,7 +81,8 @@ def test_orthogonal_float32(shape, orthogonal_map):
 @pytest.mark.parametrize("jit", [True, False])
 @pytest.mark.parametrize("orthogonal_map", MAPS)
 def test_orthogonal_trivialization(orthogonal_map, jit):
-    _run((2, 5, 3), orthogonal_map, "float32", use_trivialization=True, jit=jit)
+    if jit:  # eager dispatch is slow: one small case covers the eager path
+        _run((2, 5, 3), orthogonal_map, "float32", use_trivialization=True, jit=jit)
     _run((3, 4), orthogonal_map, "float32", use_trivialization=True, jit=jit)
 
 
@@ -91,11 +92,18 @@ def test_orthogonal_float64(shape, orthogonal_map, x64):
     _run(shape, orthogonal_map, "float64", use_trivialization=shape[-1] == 3)
 
 
-@pytest.mark.parametrize("dtype", ["complex64", "complex128"])
 @pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley"])
-@pytest.mark.parametrize("shape", [(4, 4), (2, 5, 3), (3, 4)])
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((4, 4), "complex64"),
+        ((2, 5, 3), "complex64"),
+        ((3, 4), "complex64"),
+        ((2, 3, 4), "complex128"),
+    ],
+)
 def test_orthogonal_complex(shape, orthogonal_map, dtype, x64):
-    _run(shape, orthogonal_map, dtype, use_trivialization=shape == (3, 4))
+    _run(shape, orthogonal_map, dtype, use_trivialization=shape[-2:] == (3, 4))
 
 
 def test_matrix_exp_large_norm(x64):
@@ -106,8 +114,9 @@ def test_matrix_exp_large_norm(x64):
     tA = torch.from_numpy(A).requires_grad_(True)
     tE = torch.matrix_exp(tA)
     tE.backward(torch.from_numpy(ct))
-    E, vjp = jax.vjp(matrix_exp, jnp.asarray(A))
-    (g,) = vjp(jnp.asarray(ct))
+    E, g = jax.jit(lambda a, c: (matrix_exp(a), jax.vjp(matrix_exp, a)[1](c)[0]))(
+        jnp.asarray(A), jnp.asarray(ct)
+    )
     scale = np.abs(tE.detach().numpy()).max()
     assert np.abs(E - tE.detach().numpy()).max() <= 1e-10 * scale
     assert np.abs(g - tA.grad.numpy()).max() <= 1e-10 * np.abs(tA.grad.numpy()).max()
