@@ -244,9 +244,13 @@ def _call(
         fn = link.fn if method == "__call__" else link.fn.right_inverse
         return fn(*args), None
     assert state is not None
+    # Stored values become the module's jax arrays (numpy ones, e.g. restored from
+    # a checkpoint, are read-only; keys are rewrapped). An entry the call leaves
+    # alone comes back as the very stored object, so callers detect changes by
+    # identity.
     nested: dict[Any, Any] = {}
     for path, _, impl in link.layout:
-        raw = state[path]
+        raw = jnp.asarray(state[path])
         if impl is not None:
             raw = jax.random.wrap_key_data(raw, impl=impl)
         _set(nested, path, raw)
@@ -257,9 +261,10 @@ def _call(
     new = {}
     for path, _, impl in link.layout:
         raw = flat[path]
-        if impl is not None:
-            # unchanged keys keep their stored key data (identity marks "unchanged")
-            raw = state[path] if raw is _get(nested, path) else jax.random.key_data(raw)
+        if raw is _get(nested, path):
+            raw = state[path]
+        elif impl is not None:
+            raw = jax.random.key_data(raw)
         new[path] = raw
     return out, new
 

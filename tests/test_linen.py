@@ -708,6 +708,15 @@ def test_orthogonal_matches_torch_and_nnx_and_trains_alike(m):
     np.testing.assert_allclose(np_(t.weight).T, q, atol=1e-5)
     with pytest.raises(ValueError, match="Expected a matrix or batch of matrices of shape"):
         PL.assign(v, "params/kernel", jnp.zeros((3, 5)), spec=spec)
+    # the link's PRNG key is stored as raw uint32 data: the dict serializes, and
+    # assignment after a restore draws what it would have drawn
+    restored = serialization.from_bytes(v, serialization.to_bytes(v))
+    assert (
+        restored["buffers"]["parametrizations"]["kernel"]["0"]["rngs"]["params"]["key"].dtype
+        == np.uint32
+    )
+    v3 = PL.assign(restored, "params/kernel", jnp.asarray(q), spec=spec)
+    jax.tree.map(np.testing.assert_array_equal, v3, v2)
 
 
 def test_docs_example_runs():
