@@ -21,6 +21,13 @@ from jaxparam import parametrizations as JP
 
 ATOL = 1e-5
 
+
+def R(seed):
+    """NNX initial weights are overwritten by every test: the RBG generator compiles
+    much faster than threefry for each new shape."""
+    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
 # torch.nn.utils.weight_norm is deprecated, and exactly what old checkpoints used
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
 
@@ -35,7 +42,7 @@ def _x(shape, seed=0):
 
 def linear():
     t = torch.nn.Linear(5, 3)
-    f = nnx.Linear(5, 3, rngs=nnx.Rngs(1))
+    f = nnx.Linear(5, 3, rngs=R(1))
     x = _x((4, 5))
     return t, f, "kernel", (1, 0), x, x
 
@@ -43,7 +50,7 @@ def linear():
 def conv(nd):
     def make():
         t = getattr(torch.nn, f"Conv{nd}d")(3, 4, 3, padding=1, dilation=2)
-        f = nnx.Conv(3, 4, (3,) * nd, padding=((1, 1),) * nd, kernel_dilation=2, rngs=nnx.Rngs(1))
+        f = nnx.Conv(3, 4, (3,) * nd, padding=((1, 1),) * nd, kernel_dilation=2, rngs=R(1))
         x = _x((2, 3) + (6,) * nd)
         perm = tuple(range(2, nd + 2)) + (1, 0)
         return t, f, "kernel", perm, x, np.moveaxis(x, 1, -1)
@@ -61,7 +68,7 @@ def conv_transpose(nd, transpose_kernel=False):
             strides=2,
             padding=I.torch_conv_transpose_padding((3,) * nd, padding=1, output_padding=1),
             transpose_kernel=transpose_kernel,
-            rngs=nnx.Rngs(1),
+            rngs=R(1),
         )
         x = _x((2, 3) + (4,) * nd)
         tail = (1, 0) if transpose_kernel else (0, 1)
@@ -72,14 +79,14 @@ def conv_transpose(nd, transpose_kernel=False):
 
 def embedding():
     t = torch.nn.Embedding(7, 4)
-    f = nnx.Embed(7, 4, rngs=nnx.Rngs(1))
+    f = nnx.Embed(7, 4, rngs=R(1))
     x = np.array([[0, 3, 6], [2, 2, 1]])
     return t, f, "embedding", (0, 1), x, x
 
 
 def layer_norm():
     t = torch.nn.LayerNorm(5)
-    f = nnx.LayerNorm(5, epsilon=1e-5, rngs=nnx.Rngs(1))
+    f = nnx.LayerNorm(5, epsilon=1e-5, rngs=R(1))
     with torch.no_grad():  # make scale and bias non-trivial
         t.weight.normal_()
         t.bias.normal_()
@@ -147,7 +154,7 @@ def parametrize(kind, t, f, name, perm, other_dim=False):
         JP.weight_norm(f, name, dim=flax_dim(perm, d))
     elif kind == "spectral_norm":
         TP.spectral_norm(t, "weight", dim=default_sn_dim(t))
-        JP.spectral_norm(f, name, dim=flax_dim(perm, default_sn_dim(t)), rngs=nnx.Rngs(2))
+        JP.spectral_norm(f, name, dim=flax_dim(perm, default_sn_dim(t)), rngs=R(2))
     else:
         raise AssertionError(kind)
 
@@ -298,7 +305,7 @@ MAPPING = {"net.0": "blocks/0", "net.2": "blocks/1", "head": "out"}
 
 def test_mapping_and_whole_model_round_trip():
     tnet = TorchNet().eval()
-    model = NNXNet(nnx.Rngs(0))
+    model = NNXNet(R(0))
     model.eval()
     shapes = I.torch_state_dict_shapes(model, mapping=MAPPING)
     assert shapes == {k: tuple(v.shape) for k, v in tnet.state_dict().items()}
@@ -319,9 +326,9 @@ def test_automatic_mapping_mirrors_names_and_sequential():
         TP.weight_norm(torch.nn.Linear(3, 4)), torch.nn.Tanh(), torch.nn.Linear(4, 2)
     )
     fseq = nnx.Sequential(
-        JP.weight_norm(nnx.Linear(3, 4, rngs=nnx.Rngs(0))),
+        JP.weight_norm(nnx.Linear(3, 4, rngs=R(0))),
         jnp.tanh,
-        nnx.Linear(4, 2, rngs=nnx.Rngs(0)),
+        nnx.Linear(4, 2, rngs=R(0)),
     )
     assert I.torch_state_dict_shapes(fseq) == {
         k: tuple(v.shape) for k, v in tseq.state_dict().items()
@@ -333,12 +340,12 @@ def test_automatic_mapping_mirrors_names_and_sequential():
 
 def test_mapping_to_an_unknown_path_is_an_error():
     with pytest.raises(ValueError, match=r'"nope/0" \(for torch prefix "net.5"\)'):
-        I.torch_state_dict_shapes(NNXNet(nnx.Rngs(0)), mapping={**MAPPING, "net.5": "nope/0"})
+        I.torch_state_dict_shapes(NNXNet(R(0)), mapping={**MAPPING, "net.5": "nope/0"})
 
 
 def test_torch_tensors_are_not_needed():
     sd = {k: v.numpy() for k, v in TorchNet().state_dict().items()}
-    model = NNXNet(nnx.Rngs(0))
+    model = NNXNet(R(0))
     I.load_torch_state_dict(model, sd, mapping=MAPPING)
     out = I.to_torch_state_dict(model, mapping=MAPPING)
     assert all(type(v) is np.ndarray and v.flags.writeable for v in out.values())
@@ -346,7 +353,7 @@ def test_torch_tensors_are_not_needed():
 
 def test_dtype_follows_the_model():
     t = torch.nn.Linear(3, 2).double()
-    f = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    f = nnx.Linear(3, 2, rngs=R(0))
     I.load_torch_state_dict(f, t.state_dict())
     assert f.kernel[...].dtype == jnp.float32
     t16 = torch.nn.Linear(3, 2).to(torch.bfloat16)
@@ -360,7 +367,7 @@ def test_batch_norm_names():
         t.running_mean.normal_()
         t.weight.normal_()
     t.eval()
-    f = nnx.BatchNorm(4, use_running_average=True, epsilon=1e-5, rngs=nnx.Rngs(0))
+    f = nnx.BatchNorm(4, use_running_average=True, epsilon=1e-5, rngs=R(0))
     I.load_torch_state_dict(f, t.state_dict())
     x = _x((3, 4))
     np.testing.assert_allclose(f_out(f, x), t_out(t, x), atol=ATOL)
@@ -378,7 +385,7 @@ def _values(model):
 
 def test_bad_keys_are_all_reported_and_nothing_is_loaded():
     tnet = TorchNet()
-    model = NNXNet(nnx.Rngs(0))
+    model = NNXNet(R(0))
     before = _values(model)
     sd = dict(tnet.state_dict())
     del sd["net.0.parametrizations.weight.original0"]  # missing
@@ -406,14 +413,14 @@ def test_bad_keys_are_all_reported_and_nothing_is_loaded():
 
 def test_wrong_weight_norm_dim_is_a_shape_error():
     t = TP.weight_norm(torch.nn.Conv1d(3, 4, 3))  # torch dim=0 -> g (4, 1, 1)
-    f = JP.weight_norm(nnx.Conv(3, 4, 3, rngs=nnx.Rngs(0)), dim=1)  # in-channels: g (1, 3, 1)
+    f = JP.weight_norm(nnx.Conv(3, 4, 3, rngs=R(0)), dim=1)  # in-channels: g (1, 3, 1)
     with pytest.raises(ValueError, match=r"original0: copying a param with shape \(4, 1, 1\)"):
         I.load_torch_state_dict(f, t.state_dict())
 
 
 def test_not_strict_reports_and_loads_the_rest():
     tnet = TorchNet()
-    model = NNXNet(nnx.Rngs(0))
+    model = NNXNet(R(0))
     sd = dict(tnet.state_dict())
     del sd["head.bias"]
     sd["extra"] = torch.zeros(2)
@@ -430,11 +437,11 @@ def test_not_strict_reports_and_loads_the_rest():
 
 def test_from_torch_state_dict_is_pure_and_works_on_abstract_models():
     tnet = TorchNet()
-    model = NNXNet(nnx.Rngs(0))
+    model = NNXNet(R(0))
     before = _values(model)
     state = I.from_torch_state_dict(model, tnet.state_dict(), mapping=MAPPING)
     assert all(np.array_equal(a, b) for a, b in zip(before, _values(model), strict=True))
-    abstract = nnx.eval_shape(lambda: NNXNet(nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: NNXNet(R(0)))
     abstract_state = I.from_torch_state_dict(abstract, tnet.state_dict(), mapping=MAPPING)
     jax.tree.map(np.testing.assert_array_equal, state, abstract_state)
     nnx.update(model, state)
@@ -464,7 +471,7 @@ def test_torch_conv_transpose_padding():
 def test_orthogonal_base_round_trip(shape):
     din, dout = shape
     t = TP.orthogonal(torch.nn.Linear(din, dout)).eval()
-    f = JP.orthogonal(nnx.Linear(din, dout, rngs=nnx.Rngs(0)))
+    f = JP.orthogonal(nnx.Linear(din, dout, rngs=R(0)))
     sd = t.state_dict()
     assert "parametrizations.weight.0.base" in sd
     I.load_torch_state_dict(f, sd)
@@ -480,7 +487,7 @@ def test_orthogonal_base_round_trip(shape):
 
 
 def test_orbax_save_and_restore(tmp_path):
-    model = NNXNet(nnx.Rngs(0))
+    model = NNXNet(R(0))
     I.load_torch_state_dict(model, TorchNet().state_dict(), mapping=MAPPING)
     model(jnp.ones((1, 5, 2)))  # a training-mode call moves the power iteration
     path = os.fspath(tmp_path / "ckpt")
@@ -489,12 +496,12 @@ def test_orbax_save_and_restore(tmp_path):
     model.eval()
     expected = f_out(model, x)
 
-    restored = I.restore(lambda: NNXNet(nnx.Rngs(5)), path)
+    restored = I.restore(lambda: NNXNet(R(5)), path)
     restored.eval()
     assert type(restored.out) is type(model.out)
     np.testing.assert_array_equal(f_out(restored, x), expected)
 
-    into = NNXNet(nnx.Rngs(7))
+    into = NNXNet(R(7))
     assert I.restore(into, path) is into
     into.eval()
     np.testing.assert_array_equal(f_out(into, x), expected)
@@ -503,5 +510,29 @@ def test_orbax_save_and_restore(tmp_path):
     with pytest.raises(ValueError):
         I.save(model, path)  # exists
     I.save(model, path, force=True)
+    plain = NNXNet(R(3))
+    JP.weight_norm(plain.blocks[1], "bias", dim=0)  # parametrized differently
+    before = _values(plain)
+    with pytest.raises(ValueError):
+        I.restore(plain, path)
+    assert all(np.array_equal(a, b) for a, b in zip(before, _values(plain), strict=True))
     with pytest.raises(FileNotFoundError):
         I.restore(into, tmp_path / "nothing")
+
+
+def test_torch_compat_models_have_torch_keys():
+    from torch_compat import parametrize as CP
+
+    def build():
+        t = torch.nn.Conv1d(3, 4, 3, padding=1)
+        CP.register_parametrization(t, "weight", TP._WeightNorm(0))
+        return t.eval()
+
+    t = build()
+    f = JP.weight_norm(nnx.Conv(3, 4, 3, padding=((1, 1),), rngs=R(0)))
+    I.load_torch_state_dict(f, t.state_dict())
+    x = _x((2, 3, 7))
+    np.testing.assert_allclose(f_out(f, np.moveaxis(x, 1, -1)), t_out(t, x), atol=ATOL)
+    t2 = build()
+    t2.load_state_dict(I.to_torch_state_dict(f, to_tensor=torch.from_numpy), strict=True)
+    np.testing.assert_allclose(t_out(t2, x), t_out(t, x), atol=ATOL)
