@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from jaxparam._value import ParametrizedValue, _unwrap
 
@@ -115,17 +116,70 @@ def _variables_of(module: nnx.Module) -> dict[str, nnx.Variable]:
     return {k: v for k, v in vars(module).items() if isinstance(v, nnx.Variable)}
 
 
+_SHARDING_KEYS = ("out_sharding", "sharding", "sharding_names")
+
+
+def _fit_sharding(metadata: dict[str, Any], old_shape: Any, new_shape: Any) -> dict[str, Any]:
+    """``metadata`` with its sharding annotations fitted to an array of ``new_shape``.
+
+    Sharding annotations name one mesh axis per array axis: they are dropped when
+    the rank changes, and an axis whose size changed (weight norm's ``g`` keeps
+    size 1 where the weight had ``in`` features) is no longer sharded. Axes of
+    unchanged size keep their mesh axis.
+    """
+    metadata = dict(metadata)
+    old_shape, new_shape = tuple(old_shape), tuple(new_shape)
+    if old_shape == new_shape:
+        return metadata
+    for key in _SHARDING_KEYS:
+        spec = metadata.get(key)
+        if spec is None:
+            continue
+        if len(old_shape) != len(new_shape) or len(spec) != len(new_shape):
+            del metadata[key]
+            continue
+        fitted = [
+            name if old == new else None
+            for name, old, new in zip(spec, old_shape, new_shape, strict=True)
+        ]
+        metadata[key] = type(spec)(*fitted) if isinstance(spec, PartitionSpec) else tuple(fitted)
+    return metadata
+
+
 def _new_variable_like(template: nnx.Variable, value: Any) -> nnx.Variable:
     """A Variable of ``template``'s type and metadata holding ``value``.
 
-    Sharding annotations name one axis each, so they are kept only when the rank
-    is unchanged.
+    Sharding annotations are fitted to ``value``'s shape (:func:`_fit_sharding`).
     """
-    metadata = dict(template.get_metadata())
-    if np.ndim(value) != np.ndim(template.get_raw_value()):
-        for key in ("out_sharding", "sharding", "sharding_names"):
-            metadata.pop(key, None)
+    old_shape = np.shape(template.get_raw_value())
+    metadata = _fit_sharding(template.get_metadata(), old_shape, np.shape(value))
     return type(template)._new(value, metadata)
+
+
+def _template(plist: ParametrizationList, value: Any) -> nnx.Variable:
+    """The original whose type and metadata a Variable holding ``value`` takes.
+
+    The first original of ``value``'s shape if there is one (weight norm's ``v``,
+    which kept the weight's sharding annotations), else the first original.
+    """
+    originals = plist.originals()
+    for original in originals:
+        if np.shape(original.get_raw_value()) == np.shape(value):
+            return original
+    return originals[0]
+
+
+def _set_value(var: nnx.Variable, value: Any) -> None:
+    """``var.set_value(value)``, refitting its sharding annotations when the shape changes.
+
+    Only an ``unsafe`` chain can change an original's shape (at registration, on
+    assignment, or on removal with ``leave_parametrized=True``); the annotations
+    of the old shape would otherwise mislead ``nnx.get_partition_spec``.
+    """
+    old_shape = np.shape(var.get_raw_value())
+    if old_shape != np.shape(value):
+        var._var_metadata = _fit_sharding(var.get_metadata(), old_shape, np.shape(value))
+    var.set_value(value)
 
 
 def _contains_tracer(leaves: Sequence[Any]) -> bool:
@@ -312,7 +366,7 @@ class ParametrizationList(nnx.Module):
 
         # All checks passed: only now is the original Variable touched.
         if self.is_tensor:
-            original.set_value(new)
+            _set_value(original, new)
             self.original = original
         else:
             for i, item in enumerate(originals):
@@ -410,7 +464,7 @@ class ParametrizationList(nnx.Module):
                     f"The tensor returned by `right_inverse` has dtype {value.dtype} "
                     f"while `original` has dtype {self.original.dtype}"
                 )
-            self.original.set_value(value)
+            _set_value(self.original, value)
             return
         if not isinstance(value, Sequence):
             raise ValueError(
@@ -435,7 +489,7 @@ class ParametrizationList(nnx.Module):
                     f"while `original{i}` has dtype {original.dtype}"
                 )
         for tensor, original in zip(value, originals, strict=True):
-            original.set_value(tensor)
+            _set_value(original, tensor)
 
 
 # ---------------------------------------------------------------------------
@@ -752,7 +806,7 @@ def remove_parametrizations(
             original = plist.original
             if leave_parametrized:
                 t = _get_parametrized(module, tensor_name)
-                original.set_value(t)
+                _set_value(original, t)
         else:
             if not leave_parametrized:
                 raise ValueError(
@@ -761,7 +815,7 @@ def remove_parametrizations(
                     "fix: use leave_parametrized=True to keep the current value."
                 )
             t = _get_parametrized(module, tensor_name)
-            original = _new_variable_like(plist.original0, t)
+            original = _new_variable_like(_template(plist, t), t)
 
         names = _parametrized_names(module) - {tensor_name}
         base = type_before_parametrizations(module)
@@ -831,8 +885,7 @@ def transfer_parametrizations_and_params(
             source = from_module.parametrizations[name]
             if name not in vars(to_module) and name not in _parametrized_names(to_module):
                 value = _get_parametrized(from_module, name)
-                template = source.originals()[0]
-                setattr(to_module, name, _new_variable_like(template, value))
+                setattr(to_module, name, _new_variable_like(_template(source, value), value))
             for link in source:
                 register_parametrization(to_module, name, link)
             target = to_module.parametrizations[name]
