@@ -31,6 +31,7 @@ export is a dict of numpy arrays (or whatever ``to_tensor`` makes of them).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -286,6 +287,14 @@ def _plan(model: nnx.Module, mapping: Mapping[str, str] | None) -> list[_Entry]:
             entries.append(
                 _Entry(prefix + "num_batches_tracked", None, (), lambda x: x, lambda x: x)
             )
+    counts = collections.Counter(e.key for e in entries)
+    clashes = sorted(k for k, n in counts.items() if n > 1)
+    if clashes:
+        raise ValueError(
+            "Error(s) in the module mapping:\n\tseveral NNX Variables map to the torch "
+            f"key(s): {', '.join(f'{k!r}' for k in clashes)}.\n"
+            "fix: give each NNX module its own torch prefix in `mapping`."
+        )
     return entries
 
 

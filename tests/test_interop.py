@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.utils import parametrizations as TP
 
 import jaxparam.interop as I
@@ -536,3 +538,48 @@ def test_torch_compat_models_have_torch_keys():
     t2 = build()
     t2.load_state_dict(I.to_torch_state_dict(f, to_tensor=torch.from_numpy), strict=True)
     np.testing.assert_allclose(t_out(t2, x), t_out(t, x), atol=ATOL)
+
+
+def test_two_modules_on_one_torch_key_is_an_error():
+    # blocks/0 renamed to `blocks.1`, while blocks/1 mirrors to `blocks.1` too
+    with pytest.raises(
+        ValueError, match="several NNX Variables map to the torch key.*'blocks.1.bias'"
+    ):
+        I.torch_state_dict_shapes(NNXNet(R(0)), mapping={"blocks.1": "blocks/0"})
+
+
+# -- layout functions: exact inverses (hypothesis) -------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nd=st.integers(1, 3),
+    sizes=st.lists(st.integers(1, 4), min_size=5, max_size=5),
+    kind=st.sampled_from(["conv", "conv_transpose", "conv_transpose_tk", "linear"]),
+    out_axis=st.sampled_from([-1, -2]),
+)
+def test_layouts_and_spectral_v_round_trip(nd, sizes, kind, out_axis):
+    from jaxparam.interop import _kernel_layout, _spectral_v
+
+    if kind == "linear":
+        nd, module = 0, nnx.Linear.__new__(nnx.Linear)
+    elif kind == "conv":
+        module = nnx.Conv.__new__(nnx.Conv)
+    else:
+        module = nnx.ConvTranspose.__new__(nnx.ConvTranspose)
+        vars(module)["transpose_kernel"] = kind.endswith("_tk")
+    flax_shape = tuple(sizes[: nd + 2])
+    layout = _kernel_layout(module, nd + 2)
+    w = np.random.default_rng(0).standard_normal(layout.torch_shape(flax_shape))
+    f = layout.to_flax(w)
+    assert f.shape == flax_shape
+    np.testing.assert_array_equal(layout.to_torch(f), w)
+    d = out_axis % (nd + 2)
+    to_flax, to_torch = _spectral_v(layout, flax_shape, d)
+    v = np.arange(np.prod(flax_shape) // flax_shape[d], dtype=np.float64)
+    np.testing.assert_array_equal(to_torch(to_flax(v)), v)
+    # the same matrix-vector products: torch's W_mat @ v_t == flax's W_mat @ v_f
+    torch_dim = layout.perm[d]
+    w_t = np.moveaxis(w, torch_dim, 0).reshape(w.shape[torch_dim], -1)
+    w_f = np.moveaxis(f, d, 0).reshape(f.shape[d], -1)
+    np.testing.assert_allclose(w_t @ v, w_f @ to_flax(v))
