@@ -471,7 +471,7 @@ def _convert(
     entries = _plan(model, mapping)
     paths = {id(var): path for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Variable)}
     used: set[str] = set()
-    missing: list[str] = []
+    missing: list[_Entry] = []
     mismatched: list[str] = []
     flat: list[tuple[tuple[Any, ...], nnx.Variable]] = []
     for entry in entries:
@@ -480,7 +480,7 @@ def _convert(
             key = entry.legacy_key
         if key not in state_dict:
             if entry.variable is not None:
-                missing.append(f'"{entry.key}" (expected shape {_fmt(entry.torch_shape)})')
+                missing.append(entry)
             continue
         used.add(key)
         if entry.variable is None:
@@ -502,7 +502,8 @@ def _convert(
     unexpected = [k for k in state_dict if k not in used]
     errors = []
     if strict and missing:
-        errors.append(f"Missing key(s) in state_dict: {', '.join(missing)}.")
+        described = (f'"{e.key}" (expected shape {_fmt(e.torch_shape)})' for e in missing)
+        errors.append(f"Missing key(s) in state_dict: {', '.join(described)}.")
     if strict and unexpected:
         quoted = ", ".join(f'"{k}"' for k in unexpected)
         errors.append(f"Unexpected key(s) in state_dict: {quoted}.")
@@ -518,11 +519,9 @@ def _convert(
             "`torch_state_dict_shapes(model)`."
         )
     state = nnx.from_flat_state(flat)
-    return state, IncompatibleKeys([] if strict else _bare(missing), [] if strict else unexpected)
-
-
-def _bare(described: list[str]) -> list[str]:
-    return [d.split('"')[1] for d in described]
+    if strict:
+        return state, IncompatibleKeys([], [])
+    return state, IncompatibleKeys([e.key for e in missing], unexpected)
 
 
 def to_torch_state_dict(
