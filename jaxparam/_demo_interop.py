@@ -4,7 +4,8 @@ Builds a small 1-d generator in torch with
 ``torch.nn.utils.parametrizations.weight_norm`` on every convolution (a
 ConvTranspose1d upsampler, then a HiFi-GAN ``ResBlock1``: dilations 1, 3, 5,
 leaky-relu, residual adds), converts its ``state_dict`` into the NNX port built
-with ``jaxparam.parametrizations.weight_norm``, checks the outputs agree,
+with ``jaxparam.parametrizations.weight_norm`` (abstractly, under
+``nnx.eval_shape``: the checkpoint fills every Variable), checks the outputs agree,
 fine-tunes the port in JAX with optax under ``nnx.jit``, and converts it back into
 a fresh torch model that must agree with the fine-tuned port.
 
@@ -155,7 +156,8 @@ def run(quiet: bool = False, steps: int = 40, seed: int = 0) -> bool:
     torch.manual_seed(seed)
     tmodel = _torch_model()
     sd = tmodel.state_dict()
-    model = Generator(rngs=nnx.Rngs(seed))
+    # Built abstractly (no weights initialised): the checkpoint fills every Variable.
+    model = nnx.eval_shape(lambda: Generator(rngs=nnx.Rngs(seed)))
     keys_ok = torch_state_dict_shapes(model) == {k: tuple(v.shape) for k, v in sd.items()}
     say("interop: torch HiFi-GAN-style block (weight_norm everywhere) -> NNX -> fine-tune -> torch")
     say(f"  torch state_dict: {len(sd)} keys, e.g. {next(k for k in sd if 'original0' in k)}")
