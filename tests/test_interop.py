@@ -583,3 +583,10 @@ def test_layouts_and_spectral_v_round_trip(nd, sizes, kind, out_axis):
     w_t = np.moveaxis(w, torch_dim, 0).reshape(w.shape[torch_dim], -1)
     w_f = np.moveaxis(f, d, 0).reshape(f.shape[d], -1)
     np.testing.assert_allclose(w_t @ v, w_f @ to_flax(v))
+
+
+def test_demo_section_runs(capsys):
+    from jaxparam._demo_interop import run
+
+    assert run(quiet=True, steps=10) is True
+    assert capsys.readouterr().out.startswith("interop OK")
