@@ -635,6 +635,7 @@ def save(model: nnx.Module, path: str | os.PathLike[str], *, force: bool = False
 
     Raises:
       ValueError: ``path`` exists and not ``force`` (orbax's error).
+      ImportError: ``orbax-checkpoint`` is not installed.
 
     Example:
       >>> import tempfile, os
@@ -671,6 +672,7 @@ def restore(
 
     Raises:
       FileNotFoundError: there is no checkpoint at ``path``.
+      ImportError: ``orbax-checkpoint`` is not installed.
       ValueError: the checkpoint's structure or shapes differ from the model's
         (orbax's message); the model is untouched.
 

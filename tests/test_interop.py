@@ -190,7 +190,6 @@ CASES = [
         ("legacy_weight_norm", False),
         ("spectral_norm", False),
     ]
-    if not (layer == "layer_norm" and kind == "legacy_weight_norm" and other)
 ]
 
 
