@@ -8,12 +8,13 @@ Example:
     True
 """
 
-from torch_compat import parametrize
+from torch_compat import parametrizations, parametrize
 from torch_compat._bridge import JaxParametrization, NNXParametrization, to_jax, to_torch
 
 __all__ = [
     "JaxParametrization",
     "NNXParametrization",
+    "parametrizations",
     "parametrize",
     "to_jax",
     "to_torch",

@@ -1,0 +1,376 @@
+"""Differential tests: torch.nn.utils.parametrizations vs torch_compat.parametrizations.
+
+Every scenario builds the same module twice with the same ``torch.manual_seed``,
+applies torch's built-in to one and ours to the other, and compares values,
+gradients, buffers, state-dict keys, training trajectories and exceptions.
+"""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrizations as TP
+import torch.nn.utils.parametrize as torch_P
+
+import torch_compat.parametrize as compat_P
+from torch_compat import _bridge
+from torch_compat import parametrizations as CP
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.complex64: 1e-5, torch.complex128: 1e-10}
+
+LAYERS = {
+    "linear": lambda dt: nn.Linear(5, 3, dtype=dt),
+    "linear_tall": lambda dt: nn.Linear(3, 6, dtype=dt),
+    "conv1d": lambda dt: nn.Conv1d(3, 4, 3, dtype=dt),
+    "conv2d": lambda dt: nn.Conv2d(2, 3, 3, dtype=dt),
+    "convT2d": lambda dt: nn.ConvTranspose2d(2, 3, 3, dtype=dt),
+    "embedding": lambda dt: nn.Embedding(6, 4, dtype=dt),
+}
+INPUTS = {
+    "linear": lambda dt: torch.randn(4, 5, dtype=dt),
+    "linear_tall": lambda dt: torch.randn(4, 3, dtype=dt),
+    "conv1d": lambda dt: torch.randn(2, 3, 7, dtype=dt),
+    "conv2d": lambda dt: torch.randn(2, 2, 5, 5, dtype=dt),
+    "convT2d": lambda dt: torch.randn(2, 2, 4, 4, dtype=dt),
+    "embedding": lambda dt: torch.tensor([[0, 3, 5], [1, 1, 2]]),
+}
+BUILTINS = {
+    "weight_norm": {},
+    "weight_norm_dim1": {"dim": 1},
+    "weight_norm_none": {"dim": None},
+    "spectral_norm": {},
+    "spectral_norm_3it": {"n_power_iterations": 3},
+    "orthogonal": {},
+    "orthogonal_cayley": {"orthogonal_map": "cayley"},
+    "orthogonal_householder": {"orthogonal_map": "householder"},
+    "orthogonal_householder_notriv": {"orthogonal_map": "householder", "use_trivialization": False},
+}
+
+
+def _fn(builtin):
+    return next(f for f in ("weight_norm", "spectral_norm", "orthogonal") if builtin.startswith(f))
+
+
+def _pair(layer, builtin, dtype=torch.float32, seed=0):
+    """(torch module, torch_compat module), same seed for the weights and the built-in."""
+    out = []
+    for P in (TP, CP):
+        torch.manual_seed(seed)
+        m = LAYERS[layer](dtype)
+        getattr(P, _fn(builtin))(m, **BUILTINS[builtin])
+        out.append(m)
+    return out
+
+
+def _close(a, b, dtype):
+    torch.testing.assert_close(a, b, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def _state_close(a, b, dtype):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        _close(sa[k], sb[k], dtype)
+
+
+CASES = [("linear", b) for b in BUILTINS] + [
+    (layer, b)
+    for layer in ("linear_tall", "conv1d", "conv2d", "convT2d", "embedding")
+    for b in ("weight_norm", "spectral_norm", "orthogonal")
+]
+CASES += [("conv2d", "orthogonal_householder_notriv"), ("convT2d", "weight_norm_dim1")]
+
+
+@pytest.mark.parametrize("layer, builtin", CASES)
+def test_values_grads_and_state_match_torch(layer, builtin):
+    dtype = torch.float32
+    a, b = _pair(layer, builtin, dtype)
+    assert type(a).__name__ == type(b).__name__
+    la, lb = a.parametrizations.weight[0], b.parametrizations.weight[0]
+    assert type(la).__name__ == type(lb).__name__
+    _state_close(a, b, dtype)
+    x = INPUTS[layer](dtype)
+    for _ in range(2):  # spectral norm: the power iteration runs on each access
+        ya, yb = a(x), b(x)
+        _close(ya, yb, dtype)
+        (ya**2).sum().backward()
+        (yb**2).sum().backward()
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb
+        _close(pa.grad, pb.grad, dtype)
+    _state_close(a, b, dtype)
+
+
+@pytest.mark.parametrize(
+    "builtin",
+    ["weight_norm", "weight_norm_none", "spectral_norm", "orthogonal", "orthogonal_cayley"],
+)
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_float64_values_and_grads(layer, builtin):
+    dtype = torch.float64
+    a, b = _pair(layer, builtin, dtype)
+    x = INPUTS[layer](dtype)
+    ya, yb = a(x), b(x)
+    _close(ya, yb, dtype)
+    ya.sum().backward()
+    yb.sum().backward()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        _close(pa.grad, pb.grad, dtype)
+    _state_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize(
+    "builtin", ["weight_norm", "spectral_norm", "orthogonal", "orthogonal_householder"]
+)
+def test_training_steps_match_torch(builtin, opt):
+    dtype = torch.float32
+    a, b = _pair("linear_tall", builtin, dtype)
+    mk = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1), "adam": lambda p: torch.optim.Adam(p, 1e-2)}
+    oa, ob = mk[opt](a.parameters()), mk[opt](b.parameters())
+    torch.manual_seed(1)
+    xs = [torch.randn(8, 3) for _ in range(5)]
+    for x in xs:
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            (m(x) ** 2).mean().backward()
+            o.step()
+    _state_close(a, b, dtype)
+    with torch.no_grad():
+        _close(a.weight, b.weight, dtype)
+
+
+def test_spectral_norm_train_eval_and_in_place_buffers():
+    a, b = _pair("linear", "spectral_norm")
+    sn = b.parametrizations.weight[0]
+    u, v = sn._u, sn._v
+    for m in (a, b):  # a non-converged start, so that an iteration is visible
+        m.parametrizations.weight[0]._v.copy_(torch.eye(5)[0])
+    u0 = u.clone()
+    x = torch.randn(2, 5)
+    b(x)
+    assert sn._u is u and sn._v is v  # same tensor objects, updated in place
+    assert not torch.equal(u, u0)
+    a(x)
+    _state_close(a, b, torch.float32)
+    a.eval(), b.eval()
+    assert not sn.training
+    u1 = u.clone()
+    for _ in range(3):
+        _close(a(x), b(x), torch.float32)
+    assert torch.equal(u, u1)  # no power iteration in eval mode
+    a.train(), b.train()
+    for m in (a, b):
+        m.parametrizations.weight[0]._v.copy_(torch.eye(5)[1])
+    _close(a(x), b(x), torch.float32)
+    assert not torch.equal(u, u1)
+    _state_close(a, b, torch.float32)
+
+
+def test_spectral_norm_1d_and_convtranspose_dim():
+    a, b = [], []
+    for P, out in ((TP, a), (CP, b)):
+        torch.manual_seed(0)
+        m = nn.Linear(4, 3)
+        P.spectral_norm(m, "bias")
+        out.append(m)
+    assert sorted(a[0].state_dict()) == sorted(b[0].state_dict())
+    _close(a[0].bias, b[0].bias, torch.float32)
+    ta, tb = _pair("convT2d", "spectral_norm")
+    assert tb.parametrizations.weight[0].dim == 1 == ta.parametrizations.weight[0].dim
+    assert tb.parametrizations.weight[0]._u.shape == (3,)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("builtin", ["orthogonal", "orthogonal_cayley", "spectral_norm"])
+def test_complex_matches_torch(builtin, dtype):
+    for shape in ((4, 4), (3, 5)):
+        out = []
+        for P in (TP, CP):
+            torch.manual_seed(0)
+            m = nn.Linear(*shape, dtype=dtype)
+            getattr(P, _fn(builtin))(m, **BUILTINS[builtin])
+            out.append(m)
+        a, b = out
+        _state_close(a, b, dtype)
+        x = torch.randn(2, shape[0], dtype=dtype)
+        ya, yb = a(x), b(x)
+        _close(ya, yb, dtype)
+        ya.abs().sum().backward()
+        yb.abs().sum().backward()
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            _close(pa.grad, pb.grad, dtype)
+
+
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley", "householder"])
+@pytest.mark.parametrize("shape", [(4, 4), (6, 3), (2, 3, 5)])
+@pytest.mark.parametrize("use_trivialization", [True, False])
+def test_orthogonal_maps_shapes_and_assignment(orthogonal_map, shape, use_trivialization):
+    out = []
+    for P in (TP, CP):
+        torch.manual_seed(0)
+        m = nn.Module()
+        m.weight = nn.Parameter(torch.randn(*shape))
+        P.orthogonal(m, "weight", orthogonal_map, use_trivialization=use_trivialization)
+        out.append(m)
+    a, b = out
+    _state_close(a, b, torch.float32)
+    _close(a.weight, b.weight, torch.float32)
+    torch.manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(*shape) if shape[-2] >= shape[-1] else torch.randn(*shape).mT)
+    Q = Q.Q if shape[-2] >= shape[-1] else Q.Q.mT
+    for target in (Q, torch.randn(*shape)):
+        errs = []
+        for m in (a, b):
+            torch.manual_seed(4)  # the completion draws torch.randn
+            try:
+                m.weight = target
+                errs.append(None)
+            except NotImplementedError as e:
+                errs.append(str(e))
+        assert errs[0] == errs[1]
+        _state_close(a, b, torch.float32)
+        _close(a.weight, b.weight, torch.float32)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv1d", "convT2d", "embedding"])
+def test_state_dict_cross_loading_both_ways(layer):
+    x = INPUTS[layer](torch.float32)
+    for builtin in ("weight_norm", "spectral_norm", "orthogonal"):
+        for src, dst in ((TP, CP), (CP, TP)):
+            torch.manual_seed(0)
+            m_src = getattr(src, builtin)(LAYERS[layer](torch.float32))
+            m_src(x)
+            torch.manual_seed(5)  # different init: loading must overwrite everything
+            m_dst = getattr(dst, builtin)(LAYERS[layer](torch.float32))
+            assert list(m_src.state_dict()) == list(m_dst.state_dict())
+            m_dst.load_state_dict(m_src.state_dict(), strict=True)
+            m_src.eval(), m_dst.eval()
+            _close(m_src(x), m_dst(x), torch.float32)
+            m_src.train(), m_dst.train()
+            _close(m_src(x), m_dst(x), torch.float32)
+
+
+def test_weight_norm_old_keys_hook():
+    torch.manual_seed(0)
+    old = torch.nn.utils.weight_norm(nn.Linear(4, 5))
+    m = CP.weight_norm(nn.Linear(4, 5))
+    m.load_state_dict(old.state_dict())
+    x = torch.randn(3, 4)
+    _close(old(x), m(x), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "builtin",
+    ["weight_norm", "weight_norm_none", "spectral_norm", "orthogonal", "orthogonal_cayley"]
+    + ["orthogonal_householder", "orthogonal_householder_notriv"],
+)
+def test_gradcheck_float64(builtin):
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3, dtype=torch.float64)
+    getattr(CP, _fn(builtin))(m, **BUILTINS[builtin])
+    m.eval()  # spectral norm: a fixed (u, v), so the function is deterministic
+    names = [n for n, _ in m.named_parameters() if n.startswith("parametrizations.")]
+    x = torch.randn(2, 4, dtype=torch.float64)
+    inputs = [m.get_parameter(n).detach().clone() for n in names]
+    if "householder" in builtin or builtin == "orthogonal":  # (3, 4) defaults to householder
+        # householder reads trunc(diag(X)): move the diagonal away from the
+        # integers, where that step function jumps (in torch as well).
+        inputs[0].diagonal().mul_(1.5)
+
+    def f(*originals):
+        return torch.func.functional_call(m, dict(zip(names, originals, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(f, tuple(t.requires_grad_() for t in inputs))
+
+
+def test_gradcheck_spectral_norm_training_mode_wrt_input():
+    torch.manual_seed(0)
+    m = CP.spectral_norm(nn.Linear(4, 3, dtype=torch.float64))
+    sn = m.parametrizations.weight[0]
+    u, v = sn._u.clone(), sn._v.clone()
+
+    def f(x):
+        sn._u.copy_(u)
+        sn._v.copy_(v)
+        return m(x) + m(x)
+
+    assert torch.autograd.gradcheck(f, (torch.randn(2, 4, dtype=torch.float64).requires_grad_(),))
+
+
+def _raises_same(fn_torch, fn_compat):
+    with pytest.raises(Exception) as et:
+        fn_torch()
+    with pytest.raises(Exception) as ec:
+        fn_compat()
+    assert type(et.value) is type(ec.value)
+    assert str(ec.value).startswith(str(et.value).split("\n")[0])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda P: P.orthogonal(nn.Linear(3, 3), "nope"),
+        lambda P: P.orthogonal(nn.Linear(3, 3), "bias"),
+        lambda P: P.orthogonal(nn.Linear(3, 3), orthogonal_map="svd"),
+        lambda P: P.orthogonal(nn.Linear(3, 3, dtype=torch.cfloat), orthogonal_map="householder"),
+        lambda P: P.spectral_norm(nn.Linear(3, 3), "nope"),
+        lambda P: P.spectral_norm(nn.Linear(3, 3), dim=2),
+        lambda P: P.spectral_norm(nn.Linear(3, 3), dim=-3),
+        lambda P: P.spectral_norm(nn.Linear(3, 3), n_power_iterations=0),
+        lambda P: P.weight_norm(nn.Linear(3, 3), "nope"),
+        lambda P: P.weight_norm(nn.Linear(3, 3), dim=2),
+    ],
+)
+def test_errors_match_torch(call):
+    _raises_same(lambda: call(TP), lambda: call(CP))
+
+
+@pytest.mark.parametrize(
+    "builtin_kw, value",
+    [
+        ({"orthogonal_map": "matrix_exp", "use_trivialization": False}, torch.eye(3)),
+        ({"orthogonal_map": "cayley", "use_trivialization": False}, torch.eye(3)),
+        ({}, torch.eye(4)),
+    ],
+)
+def test_orthogonal_assignment_errors_match_torch(builtin_kw, value):
+    def go(P):
+        m = P.orthogonal(nn.Linear(3, 3), **builtin_kw)
+        m.weight = value
+
+    _raises_same(lambda: go(TP), lambda: go(CP))
+
+
+def test_orthogonal_on_chain_without_base_errors_like_torch():
+    def go(P, compat):
+        m = compat.register_parametrization(nn.Linear(3, 3), "weight", nn.Identity())
+        P.orthogonal(m)
+        return m.weight
+
+    _raises_same(lambda: go(TP, torch_P), lambda: go(CP, compat_P))
+
+
+def test_links_are_fused_jax_links_and_pickle_deepcopy():
+    m = CP.spectral_norm(CP.weight_norm(nn.Linear(3, 4)))
+    assert all(_bridge.is_jax_link(link) for link in m.parametrizations.weight)
+    with pytest.raises(RuntimeError, match="state_dict"):
+        pickle.dumps(m)
+    m2 = copy.deepcopy(m)
+    x = torch.randn(2, 3)
+    m.eval(), m2.eval()
+    _close(m(x), m2(x), torch.float32)
+
+
+def test_public_api():
+    assert CP.__all__ == TP.__all__
+    import inspect
+
+    for name in CP.__all__:
+        sig_c, sig_t = (inspect.signature(getattr(P, name)).parameters.values() for P in (CP, TP))
+        assert [(p.name, p.default, p.kind) for p in sig_c] == [
+            (p.name, p.default, p.kind) for p in sig_t
+        ], name
+        assert getattr(CP, name).__doc__
