@@ -767,9 +767,7 @@ def test_fuzz_three_implementations_agree():
 
 
 @pytest.mark.slow
-def test_fuzz_three_implementations_agree_long(request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("long run: select it with `-m slow`")
+def test_fuzz_three_implementations_agree_long():
     _run(max_examples=600, steps=30)
 
 
