@@ -306,6 +306,10 @@ class Orthogonal(nnx.Module):
             self.base = OrthogonalBase(jnp.zeros((*weight.shape[:-2], n, n), weight.dtype))
 
     def __call__(self, X: jax.Array) -> jax.Array:
+        if X.size == 0:
+            # An empty matrix is orthogonal (torch returns it unchanged); the maps'
+            # reductions (the matrix exponential's norm) have no empty case.
+            return X
         base = self.base[...] if self.use_trivialization else None
         Q = F.orthogonal(
             _mT(X),
