@@ -55,6 +55,25 @@ def _variable(module: nnx.Module, name: str) -> nnx.Variable:
     return var
 
 
+def _check_inexact(module: nnx.Module, name: str, weight: jax.Array, builtin: str) -> None:
+    """Refuse integer and boolean weights at registration, before anything changes.
+
+    Torch fails on them too, but deep inside each built-in (``norm()``, a random
+    draw, ``torch.finfo``) and only for buffers (a ``Parameter`` cannot be an
+    integer tensor at all); we say so up front, with the same words for all three.
+    """
+    if not jnp.issubdtype(weight.dtype, jnp.inexact):
+        raise ValueError(
+            f"{builtin} needs a floating point or complex tensor. "
+            f"Got module.{name} of dtype {weight.dtype}.\n"
+            f"module: {type(module).__name__}\n"
+            f"fix: cast the Variable first (`module.{name}[...] = "
+            f"module.{name}[...].astype(jnp.float32)`), or register a custom "
+            "parametrization with jaxparam.parametrize.register_parametrization, which "
+            "accepts any dtype."
+        )
+
+
 def _output_dim(module: nnx.Module) -> int:
     return 0 if isinstance(module, nnx.Embed) else -1
 
@@ -114,8 +133,9 @@ def weight_norm(module: nnx.Module, name: str = "kernel", dim: Any = DEFAULT) ->
       The module.
 
     Raises:
-      ValueError: ``name`` is not a Variable of the module.
-      IndexError: ``dim`` is out of range.
+      ValueError: ``name`` is not a Variable of the module, or it is not floating
+        point or complex.
+      IndexError: ``dim`` is out of range, or the weight is 0-d (torch's message).
 
     Example:
       >>> from flax import nnx
@@ -124,8 +144,16 @@ def weight_norm(module: nnx.Module, name: str = "kernel", dim: Any = DEFAULT) ->
       >>> layer.parametrizations.kernel.original0.shape
       (1, 4)
     """
-    weight = _variable(module, name)
-    link = WeightNorm(_resolve_dim(module, dim, weight.get_raw_value().ndim))
+    weight = _variable(module, name).get_value()
+    _check_inexact(module, name, weight, "weight_norm")
+    if weight.ndim == 0:
+        # torch: norm_except_dim on a 0-d tensor, whatever `dim`.
+        shown = -1 if dim is None else (_output_dim(module) if dim is DEFAULT else dim)
+        raise IndexError(
+            f"Dimension specified as {shown} but tensor has no dimensions\n"
+            "fix: weight norm needs a tensor with at least one dimension."
+        )
+    link = WeightNorm(_resolve_dim(module, dim, weight.ndim))
     return register_parametrization(module, name, link, unsafe=True)
 
 
@@ -228,8 +256,8 @@ def spectral_norm(
       The module.
 
     Raises:
-      ValueError: ``name`` is not a Variable of the module, or
-        ``n_power_iterations`` is not positive.
+      ValueError: ``name`` is not a Variable of the module, it is not floating
+        point or complex, or ``n_power_iterations`` is not positive.
       IndexError: ``dim`` is out of range.
 
     Example:
@@ -242,6 +270,7 @@ def spectral_norm(
       True
     """
     weight = _variable(module, name).get_value()
+    _check_inexact(module, name, weight, "spectral_norm")
     flax_dim = _resolve_dim(module, dim, weight.ndim)
     if flax_dim is None:
         raise ValueError("spectral_norm needs an output dimension; got dim=None.")
@@ -368,9 +397,9 @@ def orthogonal(
       The module.
 
     Raises:
-      ValueError: ``name`` is not a Variable of the module, the weight has fewer
-        than 2 dimensions, the map is unknown, or ``householder`` on a complex
-        weight (torch's messages).
+      ValueError: ``name`` is not a Variable of the module, it is not floating
+        point or complex, the weight has fewer than 2 dimensions, the map is
+        unknown, or ``householder`` on a complex weight (torch's messages).
 
     Example:
       >>> import jax.numpy as jnp
@@ -386,6 +415,7 @@ def orthogonal(
         raise ValueError(
             f"Expected a matrix or batch of matrices. Got a tensor of {weight.ndim} dimensions."
         )
+    _check_inexact(module, name, weight, "orthogonal")
     if orthogonal_map is None:
         orthogonal_map = F.default_orthogonal_map(_mT(weight))
     if orthogonal_map not in ("matrix_exp", "cayley", "householder"):
