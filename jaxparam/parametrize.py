@@ -729,11 +729,12 @@ def register_parametrization(
         else:
             variables = ", ".join(sorted(_variables_of(module))) or "none"
             attr = vars(module).get(tensor_name, None)
-            detail = (
-                f"\nfound: an attribute of type {_type_name(attr)}, not an nnx.Variable"
-                if tensor_name in vars(module)
-                else ""
-            )
+            if tensor_name in vars(module):
+                detail = f"\nfound: an attribute of type {_type_name(attr)}, not an nnx.Variable"
+            elif hasattr(type(module), tensor_name):
+                detail = "\nfound: a class attribute (a method or property), not an nnx.Variable"
+            else:
+                detail = ""
             raise ValueError(
                 f"Module '{_type_name(module)}' does not have a parameter, a buffer, or a "
                 f"parametrized element with name '{tensor_name}'{detail}\n"
