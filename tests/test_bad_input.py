@@ -17,6 +17,7 @@ from flax import nnx
 from torch.nn.utils import parametrizations as TPZ
 
 import jaxparam.parametrize as P
+import torch_compat.parametrizations as CPZ
 import torch_compat.parametrize as CP
 from jaxparam.parametrizations import orthogonal, spectral_norm, weight_norm
 
@@ -407,3 +408,126 @@ def test_remove_a_name_that_is_not_parametrized():
     assert str(theirs.value).startswith("Module Linear(")
     assert str(ours.value).startswith("Module Linear does not have a parametrization on kernel")
     assert type(layer) is nnx.Linear
+
+
+# -- torch_compat's built-ins against torch's --------------------------------------------
+
+COMPAT = {
+    "weight_norm": (
+        lambda m, **kw: TPZ.weight_norm(m, "weight", **{"dim": 0, **kw}),
+        lambda m, **kw: CPZ.weight_norm(m, "weight", **{"dim": 0, **kw}),
+    ),
+    "spectral_norm": (
+        lambda m: TPZ.spectral_norm(m, "weight"),
+        lambda m: CPZ.spectral_norm(m, "weight"),
+    ),
+    "orthogonal": (
+        lambda m: TPZ.orthogonal(m, "weight"),
+        lambda m: CPZ.orthogonal(m, "weight"),
+    ),
+}
+
+_COMPAT_OWNER = "torch_compat is owned by another engineer"
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "zero_row"])
+@pytest.mark.parametrize("builtin", sorted(COMPAT))
+def test_compat_non_finite_as_torch(builtin, kind):
+    theirs, compat = COMPAT[builtin]
+    w = _weight(kind)
+    expected = theirs(_torch_module(w.clone())).weight.detach()
+    got = compat(_torch_module(w.clone())).weight.detach()
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+
+
+@pytest.mark.parametrize(
+    "builtin, shape",
+    [
+        ("weight_norm", (4, 0)),
+        ("spectral_norm", (4, 0)),
+        ("orthogonal", (4, 0)),
+        ("orthogonal", (0, 4)),
+        pytest.param(
+            "orthogonal",
+            (0, 0),
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=ValueError,
+                reason="torch_compat orthogonal on a (0, 0) weight: 'zero-size array to "
+                "reduction operation max' from the matrix exponential (torch returns the "
+                "empty tensor; jaxparam's NNX orthogonal guards it); " + _COMPAT_OWNER,
+            ),
+        ),
+        pytest.param("spectral_norm", (0, 4), marks=_SPECTRAL_EMPTY_XFAIL),
+    ],
+    ids=str,
+)
+def test_compat_empty_weights(builtin, shape):
+    theirs, compat = COMPAT[builtin]
+    assert tuple(theirs(_torch_module(torch.zeros(shape))).weight.shape) == shape
+    assert tuple(compat(_torch_module(torch.zeros(shape))).weight.shape) == shape
+
+
+def test_compat_one_d_as_torch():
+    w = torch.tensor([3.0, -4.0, 0.5, 1.0, 2.0])
+    for builtin in ("weight_norm", "spectral_norm"):
+        theirs, compat = COMPAT[builtin]
+        torch.testing.assert_close(
+            compat(_torch_module(w.clone())).weight, theirs(_torch_module(w.clone())).weight
+        )
+    with pytest.raises(ValueError, match="Expected a matrix or batch of matrices"):
+        CPZ.orthogonal(_torch_module(w.clone()), "weight")
+
+
+@pytest.mark.parametrize(
+    "builtin, kw",
+    [
+        pytest.param(
+            "weight_norm",
+            {"dim": dim},
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="torch_compat weight_norm on a 0-d weight returns it unchanged; torch "
+                "raises IndexError 'Dimension specified as ... but tensor has no "
+                "dimensions'; " + _COMPAT_OWNER,
+            ),
+            id=f"weight_norm-dim={dim}",
+        )
+        for dim in (0, None)
+    ]
+    + [("spectral_norm", {}), ("orthogonal", {})],
+)
+def test_compat_0d_as_torch(builtin, kw):
+    theirs, compat = COMPAT[builtin]
+    with pytest.raises((IndexError, ValueError)) as expected:
+        _ = theirs(_torch_module(torch.tensor(-3.0)), **kw).weight
+    with pytest.raises(type(expected.value)) as got:
+        _ = compat(_torch_module(torch.tensor(-3.0)), **kw).weight
+    assert str(got.value).startswith(str(expected.value))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "bool"])
+@pytest.mark.parametrize(
+    "builtin",
+    [
+        pytest.param(
+            "weight_norm",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="torch_compat weight_norm on an integer/boolean buffer returns "
+                "integers; torch raises RuntimeError 'norm(): input dtype should be either "
+                "floating point or complex'; " + _COMPAT_OWNER,
+            ),
+        ),
+        "spectral_norm",
+        "orthogonal",
+    ],
+)
+def test_compat_refuses_integer_and_boolean(builtin, dtype):
+    theirs, compat = COMPAT[builtin]
+    weight = torch.ones(3, 3, dtype=getattr(torch, dtype))
+    with pytest.raises((RuntimeError, NotImplementedError, TypeError)):
+        theirs(_torch_module(weight.clone(), buffer=True))
+    with pytest.raises((RuntimeError, NotImplementedError, TypeError, ValueError)):
+        _ = compat(_torch_module(weight.clone(), buffer=True)).weight
