@@ -19,6 +19,14 @@ In plain words (the invariants, as in torch):
   first ``right_inverse`` returns a sequence) holds the unconstrained tensor(s).
 * ``module.weight = X`` runs the ``right_inverse``s in reverse order and
   ``set_``s the originals in place (optimizers keep tracking them).
+* Beyond torch: every mutating operation (registration, assignment,
+  ``ParametrizationList.right_inverse``, removal, transfer) is a transaction.
+  If it raises, the module is left exactly as it was: class (and the injected
+  class's properties), ``_parameters`` / ``_buffers`` / ``_modules`` and
+  attributes of every submodule, the same tensor objects with the same
+  storage, shape, ``requires_grad`` and values (power-iteration buffers that a
+  check forward updated included). Torch's exception propagates unchanged.
+  Reading ``module.weight`` is not wrapped (it is the hot path).
 
 Example:
     >>> import torch, jax.numpy as jnp
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
@@ -110,6 +119,124 @@ def _maybe_set(dest: Tensor, src: Tensor) -> None:
         torch.utils.swap_tensors(dest, src)
     else:
         dest.set_(src)  # type: ignore[call-overload]
+
+
+class _Snapshot:
+    """Everything an operation may change, to be put back if it raises.
+
+    Covers every module reachable from the roots: its class (and, for an
+    injected ``Parametrized<Class>``, the class's attributes), its
+    ``__dict__`` and the ``_parameters`` / ``_buffers`` / ``_modules`` dicts,
+    and each tensor's object identity, storage view, ``requires_grad`` and
+    bytes. The parametrize value cache is restored too.
+    """
+
+    def __init__(self, roots: Sequence[Any]) -> None:
+        mods: dict[int, Module] = {}
+        for root in roots:
+            if isinstance(root, Module):
+                for m in root.modules():
+                    mods.setdefault(id(m), m)
+        self.modules = [
+            (
+                m,
+                m.__class__,
+                dict(m.__dict__),
+                dict(m._parameters),
+                dict(m._buffers),
+                dict(m._modules),
+            )
+            for m in mods.values()
+        ]
+        self.classes = {
+            type(m): dict(type(m).__dict__) for m in mods.values() if _is_injected(type(m))
+        }
+        tensors: dict[int, Tensor] = {}
+        for m in mods.values():
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if isinstance(t, Tensor):
+                    tensors.setdefault(id(t), t)
+        with torch.no_grad():
+            self.tensors = [
+                (t, t.detach(), t.detach().clone(), t.requires_grad) for t in tensors.values()
+            ]
+        self.cache = dict(_cache)
+
+    def restore(self) -> None:
+        for cls, saved in self.classes.items():
+            for k in [k for k in cls.__dict__ if k not in saved]:
+                delattr(cls, k)
+            for k, v in saved.items():
+                if cls.__dict__.get(k, _MISSING) is not v and k not in ("__dict__", "__weakref__"):
+                    setattr(cls, k, v)
+        for m, cls, d, params, bufs, mods in self.modules:
+            object.__setattr__(m, "__class__", cls)
+            m.__dict__.clear()
+            m.__dict__.update(d)
+            for current, saved in ((m._parameters, params), (m._buffers, bufs), (m._modules, mods)):
+                current.clear()
+                current.update(saved)
+        with torch.no_grad():
+            for t, alias, value, requires_grad in self.tensors:
+                _restore_tensor(t, alias, value)
+                if t.requires_grad != requires_grad and t.is_leaf:
+                    t.requires_grad_(requires_grad)
+        _cache.clear()
+        _cache.update(self.cache)
+
+
+_MISSING = object()
+
+
+def _same_view(t: Tensor, alias: Tensor) -> bool:
+    return (
+        t.dtype == alias.dtype
+        and t.device == alias.device
+        and t.shape == alias.shape
+        and t.stride() == alias.stride()
+        and t.storage_offset() == alias.storage_offset()
+        and t.untyped_storage().data_ptr() == alias.untyped_storage().data_ptr()
+    )
+
+
+def _same_bytes(a: Tensor, b: Tensor) -> bool:
+    if a.numel() == 0:
+        return True
+    return torch.equal(
+        a.detach().contiguous().reshape(-1).view(torch.uint8),
+        b.detach().contiguous().reshape(-1).view(torch.uint8),
+    )
+
+
+def _restore_tensor(t: Tensor, alias: Tensor, value: Tensor) -> None:
+    if not _same_view(t, alias):
+        if is_traceable_wrapper_subclass(t) or get_swap_module_params_on_conversion():
+            src = alias.clone()
+            if isinstance(t, Parameter):
+                src = Parameter(src, requires_grad=t.requires_grad)
+            torch.utils.swap_tensors(t, src)
+        else:
+            t.set_(alias)  # type: ignore[call-overload]
+    if not _same_bytes(t, value):  # only then: no needless version-counter bump
+        t.copy_(value)
+
+
+@contextmanager
+def _transaction(*roots: Any):
+    """Runs the body; if it raises, puts every module reachable from ``roots`` back."""
+    snapshot = _Snapshot(roots)
+    try:
+        yield
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+_INJECTED: weakref.WeakSet[type] = weakref.WeakSet()  # the Parametrized<Class> types
+
+
+def _is_injected(cls: type) -> bool:
+    return cls in _INJECTED
 
 
 def _as_module(parametrization: Any) -> Module:
@@ -289,10 +416,15 @@ class ParametrizationList(_torch_parametrize.ParametrizationList):
         Raises:
             RuntimeError: if a parametrization has no ``right_inverse``.
             ValueError: if a ``right_inverse`` returns the wrong type, length or dtype.
+            Whatever it raises, the originals and the links are left as they were.
 
         Example:
             >>> # module.weight = X  calls  module.parametrizations.weight.right_inverse(X)
         """
+        with _transaction(self):
+            self._right_inverse(value)
+
+    def _right_inverse(self, value: Tensor) -> None:
         with torch.no_grad():
             for module in reversed(self):  # type: ignore[call-overload]
                 if hasattr(module, "right_inverse"):
@@ -409,6 +541,7 @@ def _inject_new_class(module: Module) -> None:
         dct["__deepcopy__"] = default_deepcopy
 
     module.__class__ = type(f"Parametrized{cls.__name__}", (cls,), dct)
+    _INJECTED.add(module.__class__)
 
 
 def _inject_property(module: Module, tensor_name: str) -> None:
@@ -482,6 +615,8 @@ def register_parametrization(
         ValueError: if the module has no parameter, buffer or parametrized
             tensor named ``tensor_name``, or a consistency check fails.
         TypeError: if ``parametrization`` is neither a module nor callable.
+        Whatever it raises (a parametrization's own errors too), ``module``
+        and ``parametrization`` are left exactly as they were.
 
     Example:
         >>> import torch, jax.numpy as jnp
@@ -492,6 +627,13 @@ def register_parametrization(
         >>> torch.allclose(m.weight, -m.weight.T)
         True
     """
+    with _transaction(module, parametrization):
+        return _register_parametrization(module, tensor_name, parametrization, unsafe=unsafe)
+
+
+def _register_parametrization(
+    module: Module, tensor_name: str, parametrization: Any, *, unsafe: bool
+) -> Module:
     parametrization = _as_module(parametrization)
     parametrization.train(module.training)
     if is_parametrized(module, tensor_name):
@@ -615,6 +757,7 @@ def remove_parametrizations(
     Raises:
         ValueError: if ``module.<tensor_name>`` is not parametrized, or if
             ``leave_parametrized=False`` and it depends on several tensors.
+            Whatever it raises, ``module`` is left exactly as it was.
 
     Example:
         >>> import torch
@@ -623,6 +766,11 @@ def remove_parametrizations(
         >>> type(P.remove_parametrizations(m, "weight")).__name__
         'Linear'
     """
+    with _transaction(module):
+        return _remove_parametrizations(module, tensor_name, leave_parametrized)
+
+
+def _remove_parametrizations(module: Module, tensor_name: str, leave_parametrized: bool) -> Module:
     if not is_parametrized(module, tensor_name):
         raise ValueError(f"Module {module} does not have a parametrization on {tensor_name}")
 
@@ -716,6 +864,7 @@ def transfer_parametrizations_and_params(
 
     Raises:
         ValueError: as :func:`register_parametrization` (e.g. a shape mismatch).
+            Whatever it raises, both modules are left exactly as they were.
 
     Example:
         >>> import torch
@@ -725,6 +874,11 @@ def transfer_parametrizations_and_params(
         >>> torch.equal(a.weight, b.weight)
         True
     """
+    with _transaction(from_module, to_module):
+        return _transfer(from_module, to_module, tensor_name)
+
+
+def _transfer(from_module: Module, to_module: Module, tensor_name: str | None) -> Module:
     if is_parametrized(from_module):
         parameters_to_transfer = (
             from_module.parametrizations if tensor_name is None else [tensor_name]
