@@ -7,8 +7,15 @@ and forward+backward. The first access (compile) is reported apart; warm-up
 iterations are excluded from the steady state. Results go to
 ``benchmarks/results/bench_bridge.json``.
 
+A second part times training steps (forward, backward, SGD step) of a 3-layer
+MLP (``--width`` 512, batch ``--batch`` 64, float32) with each built-in of
+``torch_compat.parametrizations`` on every weight against
+``torch.nn.utils.parametrizations``, interleaved run by run in one process
+(the machine is shared: only ratios measured side by side mean something).
+
 Example:
     python benchmarks/bench_bridge.py --size 8 --iters 2000 --repeats 5
+    python benchmarks/bench_bridge.py --only-mlp --mlp-steps 50 --repeats 7
 """
 
 from __future__ import annotations
@@ -22,9 +29,19 @@ import time
 
 import jax
 import torch
+import torch.nn.utils.parametrizations as torch_builtins
 import torch.nn.utils.parametrize as torch_P
 
 import torch_compat.parametrize as compat_P
+from torch_compat import parametrizations as compat_builtins
+
+MLP_BUILTINS = {
+    "weight_norm": ("weight_norm", {}),
+    "spectral_norm": ("spectral_norm", {}),
+    "orthogonal_matrix_exp": ("orthogonal", {"orthogonal_map": "matrix_exp"}),
+    "orthogonal_cayley": ("orthogonal", {"orthogonal_map": "cayley"}),
+    "orthogonal_householder": ("orthogonal", {"orthogonal_map": "householder"}),
+}
 
 
 class TorchSymmetric(torch.nn.Module):
@@ -55,6 +72,73 @@ def _time(fn, iters, warmup, repeats):
     return {"median_us": statistics.median(runs), "min_us": min(runs), "runs_us": runs}
 
 
+def _mlp(P, builtin: str, width: int, depth: int):
+    fn, kw = MLP_BUILTINS[builtin]
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        lin = torch.nn.Linear(width, width)
+        getattr(P, fn)(lin, **kw)
+        layers += [lin, torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def bench_mlp(args) -> dict:
+    """Training steps per built-in, torch vs torch_compat, interleaved repeats."""
+    out: dict = {}
+    torch.manual_seed(1)
+    x = torch.randn(args.batch, args.width)
+    target = torch.randn(args.batch, args.width)
+    for builtin in args.builtins:
+        models = {
+            "torch": _mlp(torch_builtins, builtin, args.width, args.depth),
+            "jax": _mlp(compat_builtins, builtin, args.width, args.depth),
+        }
+        steps = {}
+        for name, model in models.items():
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.mse_loss(model(x), target)
+                loss.backward()
+                opt.step()
+
+            t0 = time.perf_counter()
+            step()  # first step: compiles the JAX chain (forward and VJP)
+            first_ms = (time.perf_counter() - t0) * 1e3
+            for _ in range(args.mlp_warmup):
+                step()
+            steps[name] = (step, first_ms)
+        runs: dict = {"torch": [], "jax": []}
+        for _ in range(args.repeats):  # interleaved: both see the same machine load
+            for name, (step, _) in steps.items():
+                t0 = time.perf_counter()
+                for _ in range(args.mlp_steps):
+                    step()
+                runs[name].append((time.perf_counter() - t0) / args.mlp_steps * 1e3)
+        ratios = [j / t for j, t in zip(runs["jax"], runs["torch"], strict=True)]
+        row = {
+            name: {
+                "median_ms": statistics.median(r),
+                "min_ms": min(r),
+                "runs_ms": r,
+                "first_step_ms": steps[name][1],
+            }
+            for name, r in runs.items()
+        }
+        row["ratio_jax_over_torch_median"] = statistics.median(ratios)
+        row["ratio_runs"] = ratios
+        out[builtin] = row
+        print(
+            f"mlp {builtin:24s} torch {row['torch']['median_ms']:7.2f} ms   "
+            f"torch_compat {row['jax']['median_ms']:7.2f} ms   "
+            f"ratio {row['ratio_jax_over_torch_median']:5.2f}x "
+            f"(runs {', '.join(f'{r:.2f}' for r in ratios)})"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8, help="weight is size x size")
@@ -63,8 +147,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/bench_bridge.json")
+    parser.add_argument("--width", type=int, default=512, help="MLP width")
+    parser.add_argument("--depth", type=int, default=3, help="MLP layers")
+    parser.add_argument("--batch", type=int, default=64, help="MLP batch size")
+    parser.add_argument("--mlp-steps", type=int, default=30, help="timed steps per run")
+    parser.add_argument("--mlp-warmup", type=int, default=5)
+    parser.add_argument(
+        "--builtins", nargs="+", default=list(MLP_BUILTINS), choices=list(MLP_BUILTINS)
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--only-mlp", action="store_true", help="skip the per-access part")
+    parser.add_argument("--no-mlp", action="store_true", help="skip the MLP part")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
     results: dict = {
@@ -78,57 +173,60 @@ def main() -> None:
         },
         "cases": {},
     }
-    modules = {
-        "torch": _module(torch_P, TorchSymmetric(), args.size, dtype),
-        "jax": _module(compat_P, jax_symmetric, args.size, dtype),
-    }
+    if not args.only_mlp:
+        modules = {
+            "torch": _module(torch_P, TorchSymmetric(), args.size, dtype),
+            "jax": _module(compat_P, jax_symmetric, args.size, dtype),
+        }
 
-    # Compile: the first access of a fresh function (new jit cache entry).
-    def fresh(x):
-        return x.T + x
+        # Compile: the first access of a fresh function (new jit cache entry).
+        def fresh(x):
+            return x.T + x
 
-    t0 = time.perf_counter()
-    m_first = _module(compat_P, fresh, args.size, dtype)  # registration = 1st access
-    results["compile_first_access_ms"] = (time.perf_counter() - t0) * 1e3
-    t0 = time.perf_counter()
-    m_first.weight.sum().backward()  # first access with grad: the vjp variant compiles
-    results["compile_first_grad_access_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        m_first = _module(compat_P, fresh, args.size, dtype)  # registration = 1st access
+        results["compile_first_access_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        m_first.weight.sum().backward()  # first access with grad: the vjp variant compiles
+        results["compile_first_grad_access_ms"] = (time.perf_counter() - t0) * 1e3
 
-    def fwd_nograd(m):
-        def f():
-            with torch.no_grad():
-                return m.weight
+        def fwd_nograd(m):
+            def f():
+                with torch.no_grad():
+                    return m.weight
 
-        return f
+            return f
 
-    def fwd_grad(m):
-        return lambda: m.weight
+        def fwd_grad(m):
+            return lambda: m.weight
 
-    def fwd_bwd(m):
-        def f():
-            m.weight.sum().backward()
+        def fwd_bwd(m):
+            def f():
+                m.weight.sum().backward()
 
-        return f
+            return f
 
-    for case, make in (
-        ("forward_nograd", fwd_nograd),
-        ("forward", fwd_grad),
-        ("forward_backward", fwd_bwd),
-    ):
-        row = {}
-        for name, m in modules.items():
-            row[name] = _time(make(m), args.iters, args.warmup, args.repeats)
-        row["ratio_jax_over_torch"] = row["jax"]["median_us"] / row["torch"]["median_us"]
-        results["cases"][case] = row
+        for case, make in (
+            ("forward_nograd", fwd_nograd),
+            ("forward", fwd_grad),
+            ("forward_backward", fwd_bwd),
+        ):
+            row = {}
+            for name, m in modules.items():
+                row[name] = _time(make(m), args.iters, args.warmup, args.repeats)
+            row["ratio_jax_over_torch"] = row["jax"]["median_us"] / row["torch"]["median_us"]
+            results["cases"][case] = row
+            print(
+                f"{case:18s} torch {row['torch']['median_us']:8.1f} us   "
+                f"torch_compat(JAX) {row['jax']['median_us']:8.1f} us   "
+                f"ratio {row['ratio_jax_over_torch']:5.2f}x"
+            )
         print(
-            f"{case:18s} torch {row['torch']['median_us']:8.1f} us   "
-            f"torch_compat(JAX) {row['jax']['median_us']:8.1f} us   "
-            f"ratio {row['ratio_jax_over_torch']:5.2f}x"
+            f"compile: first access {results['compile_first_access_ms']:.1f} ms, "
+            f"first grad access {results['compile_first_grad_access_ms']:.1f} ms"
         )
-    print(
-        f"compile: first access {results['compile_first_access_ms']:.1f} ms, "
-        f"first grad access {results['compile_first_grad_access_ms']:.1f} ms"
-    )
+    if not args.no_mlp:
+        results["mlp"] = bench_mlp(args)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
