@@ -2,16 +2,23 @@
 
 Run it with ``python -m jaxparam.demo`` (``--steps``, ``--seed``, ``--quiet``).
 
-It builds a 3-layer MLP on a synthetic regression task, registers torch-style
-parametrizations on its weights with :mod:`jaxparam.parametrize`:
+Part 1 builds a 4-layer MLP on a synthetic regression task and parametrizes its
+kernels with :mod:`jaxparam.parametrize` and :mod:`jaxparam.parametrizations`:
 
-- layer 1: weight norm written by hand, with a ``right_inverse`` returning two
-  originals (``original0`` = magnitude ``g``, ``original1`` = direction ``v``);
-- layer 2: a symmetric kernel (a chain of two links);
-- layer 3: a positive scale on the output kernel (``exp``/``log`` pair);
+- layer 1: the built-in ``weight_norm`` (originals ``original0`` = ``g``,
+  ``original1`` = ``v``);
+- layer 2: a hand-written chain making the kernel symmetric (two links), with the
+  built-in ``spectral_norm`` appended to the chain;
+- layer 3: the built-in ``orthogonal`` (Cayley map);
+- layer 4: a positive kernel written as a function with a ``right_inverse``
+  attribute (``exp``/``log``);
 
-then trains the originals for a few hundred steps with optax under ``nnx.jit``
-and prints the loss, the state layout and the constraints that still hold.
+then trains the originals with optax under ``nnx.jit`` and prints the loss, the
+state layout and the constraints that still hold.
+
+Part 2 (needs torch: ``pip install 'jaxparam[torch]'``) ports a weight-normed
+1-d convolution block from torch to NNX through its ``state_dict``, fine-tunes
+it in JAX and converts it back (see :mod:`jaxparam._demo_interop`).
 """
 
 from __future__ import annotations
@@ -27,16 +34,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import jaxparam.parametrize as P
-
-
-class WeightNorm(nnx.Module):
-    """``w = g * v / ||v||`` per output feature (flax kernels are ``(in, out)``)."""
-
-    def __call__(self, g: jax.Array, v: jax.Array) -> jax.Array:
-        return g * v / jnp.linalg.norm(v, axis=0, keepdims=True)
-
-    def right_inverse(self, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return jnp.linalg.norm(w, axis=0, keepdims=True), w
+from jaxparam.parametrizations import orthogonal, spectral_norm, weight_norm
 
 
 def upper(x: jax.Array) -> jax.Array:
@@ -56,25 +54,32 @@ def positive(x: jax.Array) -> jax.Array:
 positive.right_inverse = jnp.log  # type: ignore[attr-defined]
 
 
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
 class MLP(nnx.Module):
     def __init__(self, din: int, width: int, dout: int, *, rngs: nnx.Rngs):
         self.layer1 = nnx.Linear(din, width, rngs=rngs)
         self.layer2 = nnx.Linear(width, width, rngs=rngs)
-        self.layer3 = nnx.Linear(width, dout, rngs=rngs)
+        self.layer3 = nnx.Linear(width, width, rngs=rngs)
+        self.layer4 = nnx.Linear(width, dout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jax.nn.gelu(self.layer1(x))
         x = jax.nn.gelu(self.layer2(x))
-        return self.layer3(x)
+        x = x + jax.nn.gelu(self.layer3(x))
+        return self.layer4(x)
 
 
 def build(seed: int, din: int = 8, width: int = 64, dout: int = 1) -> MLP:
     model = MLP(din, width, dout, rngs=nnx.Rngs(seed))
-    P.register_parametrization(model.layer1, "kernel", WeightNorm())
+    weight_norm(model.layer1)
     P.register_parametrization(model.layer2, "kernel", upper)
     P.register_parametrization(model.layer2, "kernel", mirror)
-    model.layer3.kernel[...] = jnp.abs(model.layer3.kernel[...]) + 0.1
-    P.register_parametrization(model.layer3, "kernel", positive)
+    spectral_norm(model.layer2, rngs=nnx.Rngs(seed))
+    orthogonal(model.layer3, orthogonal_map="cayley", rngs=nnx.Rngs(seed))
+    model.layer4.kernel[...] = jnp.abs(model.layer4.kernel[...]) + 0.1
+    P.register_parametrization(model.layer4, "kernel", positive)
     return model
 
 
@@ -108,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     x, y = make_data(args.seed + 1)
     optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
 
-    print("jaxparam demo: a 3-layer MLP with parametrized kernels")
-    for name in ("layer1", "layer2", "layer3"):
+    print("jaxparam demo, part 1: a 4-layer MLP with parametrized kernels")
+    for name in LAYERS:
         layer = getattr(model, name)
-        links = [P._link_name(link) for link in layer.parametrizations.kernel]
-        print(f"  {name}: {type(layer).__name__}, kernel = {' -> '.join(links)}(originals)")
+        chain = "original"
+        for link in layer.parametrizations.kernel:
+            chain = f"{P._link_name(link)}({chain})"
+        print(f"  {name}: {type(layer).__name__}, kernel = {chain}")
     print("  trainable state (what the optimizer sees):")
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         print(f"    {'/'.join(map(str, path)):<45} {tuple(var.shape)}")
@@ -130,20 +137,42 @@ def main(argv: list[str] | None = None) -> int:
     p1 = model.layer1.parametrizations.kernel
     k2 = model.layer2.kernel[...]
     k3 = model.layer3.kernel[...]
+    k4 = model.layer4.kernel[...]
     print(f"loss: {loss0:.4f} -> {loss_end:.4f} in {args.steps} steps ({elapsed:.2f} s)")
     print("what changed, and what held:")
     col_norms = jnp.linalg.norm(k1, axis=0)
     gap = float(jnp.max(jnp.abs(col_norms - p1.original0[...].ravel())))
-    print(f"  layer1 weight norm: max | ||w_j|| - g_j | = {gap:.2e}")
-    print(
-        f"  layer2 symmetric:   max |K - K^T| = {float(jnp.max(jnp.abs(k2 - k2.T))):.2e}"
-        f", moved by {float(jnp.linalg.norm(k2 - k2_before)):.3f}"
-    )
-    print(f"  layer3 positive:    min K = {float(jnp.min(k3)):.3e}")
+    print(f"  layer1 weight norm:   max | ||w_j|| - g_j | = {gap:.2e}")
+    sym = float(jnp.max(jnp.abs(k2 - k2.T)))
+    sigma = float(jnp.linalg.norm(k2, ord=2))
+    moved = float(jnp.linalg.norm(k2 - k2_before))
+    print(f"  layer2 symmetric+SN: max |K - K^T| = {sym:.2e}, sigma(K) = {sigma:.4f}")
+    print("                       (sigma from one power iteration per step, as in torch)")
+    print(f"                       moved by {moved:.3f}")
+    orth = float(jnp.max(jnp.abs(k3.T @ k3 - jnp.eye(k3.shape[1]))))
+    print(f"  layer3 orthogonal:   max |K^T K - I| = {orth:.2e}")
+    print(f"  layer4 positive:     min K = {float(jnp.min(k4)):.3e}")
 
     P.remove_parametrizations(model.layer2, "kernel", leave_parametrized=True)
     print(f"  after remove_parametrizations: layer2 is {type(model.layer2).__name__} again")
-    ok = loss_end < loss0 and bool(jnp.allclose(k2, k2.T)) and float(jnp.min(k3)) > 0
+    ok = (
+        loss_end < loss0
+        and sym < 1e-5
+        and abs(sigma - 1.0) < 5e-2
+        and orth < 1e-4
+        and float(jnp.min(k4)) > 0
+    )
+    print("part 1 OK" if ok else "part 1 FAILED")
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("part 2 (torch interop) skipped: pip install 'jaxparam[torch]'")
+    else:
+        from jaxparam._demo_interop import run as run_interop
+
+        print("jaxparam demo, part 2: a weight-normed conv block, torch -> NNX -> torch")
+        ok = run_interop(quiet=args.quiet) and ok
     print("demo OK" if ok else "demo FAILED")
     return 0 if ok else 1
 

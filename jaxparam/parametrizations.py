@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxparam import functional as F
-from jaxparam.parametrize import register_parametrization
+from jaxparam.parametrize import is_parametrized, register_parametrization
 
 __all__ = [
     "Orthogonal",
@@ -45,14 +45,21 @@ class _Default:
 DEFAULT: Any = _Default()
 
 
-def _variable(module: nnx.Module, name: str) -> nnx.Variable:
+def _weight(module: nnx.Module, name: str) -> jax.Array:
+    """The current value of ``module.<name>``, as torch's ``getattr(module, name)``.
+
+    A name that is already parametrized gives its parametrized value, so a
+    built-in can be appended to a chain, as in torch.
+    """
+    if is_parametrized(module, name):
+        return getattr(module, name)[...]
     var = vars(module).get(name)
     if not isinstance(var, nnx.Variable):
         raise ValueError(
             f"Module '{type(module).__name__}' has no parameter or buffer with name '{name}'\n"
             "fix: name an nnx.Variable held directly by the module (for example 'kernel')."
         )
-    return var
+    return var.get_value()
 
 
 def _check_inexact(module: nnx.Module, name: str, weight: jax.Array, builtin: str) -> None:
@@ -144,7 +151,7 @@ def weight_norm(module: nnx.Module, name: str = "kernel", dim: Any = DEFAULT) ->
       >>> layer.parametrizations.kernel.original0.shape
       (1, 4)
     """
-    weight = _variable(module, name).get_value()
+    weight = _weight(module, name)
     _check_inexact(module, name, weight, "weight_norm")
     if weight.ndim == 0:
         # torch: norm_except_dim on a 0-d tensor, whatever `dim`.
@@ -269,7 +276,7 @@ def spectral_norm(
       >>> bool(jnp.abs(sigma - 1.0) < 1e-3)
       True
     """
-    weight = _variable(module, name).get_value()
+    weight = _weight(module, name)
     _check_inexact(module, name, weight, "spectral_norm")
     flax_dim = _resolve_dim(module, dim, weight.ndim)
     if flax_dim is None:
@@ -410,7 +417,7 @@ def orthogonal(
       >>> bool(jnp.allclose(k @ k.T, jnp.eye(3), atol=1e-5))
       True
     """
-    weight = _variable(module, name).get_value()
+    weight = _weight(module, name)
     if weight.ndim < 2:
         raise ValueError(
             f"Expected a matrix or batch of matrices. Got a tensor of {weight.ndim} dimensions."
