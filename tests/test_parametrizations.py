@@ -405,3 +405,21 @@ def test_orthogonal_stays_orthogonal_after_many_large_steps(m):
     k = f.kernel[...]
     err = float(jnp.max(jnp.abs(k.T @ k - jnp.eye(n))))
     assert err <= 10 * n * float(jnp.finfo(jnp.float32).eps), err
+
+
+def test_builtins_append_to_an_existing_chain_like_torch():
+    t, f, _ = linear_pair(4, 4)
+
+    class DoubleT(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    P.register_parametrization(f, "kernel", lambda x: 2 * x)
+    torch.nn.utils.parametrize.register_parametrization(t, "weight", DoubleT())
+    TP.spectral_norm(t, "weight")
+    spectral_norm(f, rngs=nnx.Rngs(0))
+    assert len(f.parametrizations.kernel) == len(t.parametrizations.weight) == 2
+    f.parametrizations.kernel[1]._u[...] = jnp.asarray(np_(t.parametrizations.weight[1]._u))
+    f.parametrizations.kernel[1]._v[...] = jnp.asarray(np_(t.parametrizations.weight[1]._v))
+    for _ in range(2):
+        np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-5)
