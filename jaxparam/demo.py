@@ -34,6 +34,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import jaxparam.parametrize as P
+from jaxparam._checks import link_name
 from jaxparam.parametrizations import orthogonal, spectral_norm, weight_norm
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         layer = getattr(model, name)
         chain = "original"
         for link in layer.parametrizations.kernel:
-            chain = f"{P._link_name(link)}({chain})"
+            chain = f"{link_name(link)}({chain})"
         print(f"  {name}: {type(layer).__name__}, kernel = {chain}")
     print("  trainable state (what the optimizer sees):")
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -62,6 +62,7 @@ from flax.core import meta
 from flax.core.scope import in_filter, union_filters
 from flax.nnx import variablelib
 
+from jaxparam import _checks as C
 from jaxparam import functional as F
 from jaxparam.parametrizations import Orthogonal, SpectralNorm, WeightNorm
 
@@ -152,20 +153,6 @@ def _fmt(path: Sequence[str]) -> str:
     return "/".join(path)
 
 
-def _is_tensor(x: Any) -> bool:
-    return isinstance(x, jax.Array)
-
-
-def _type_name(x: Any) -> str:
-    return type(x).__name__
-
-
-def _link_name(link: Any) -> str:
-    if isinstance(link, nnx.Module):
-        return type(link).__name__
-    return getattr(link, "__name__", type(link).__name__)
-
-
 def _collection_of(variable_type: type) -> str:
     """The linen collection for a link Variable of this type."""
     for t in variable_type.__mro__:
@@ -212,10 +199,10 @@ class _Link:
 def _make_link(parametrization: Any) -> tuple[_Link, dict[tuple[Any, ...], Any] | None]:
     if not callable(parametrization):
         raise TypeError(
-            f"A parametrization must be callable. Got {_type_name(parametrization)}.\n"
+            f"A parametrization must be callable. Got {C.type_name(parametrization)}.\n"
             "fix: pass a function of the original(s), or an nnx.Module with __call__."
         )
-    name = _link_name(parametrization)
+    name = C.link_name(parametrization)
     has_ri = hasattr(parametrization, "right_inverse")
     if not isinstance(parametrization, nnx.Module):
         return _Link(name, has_ri, fn=parametrization), None
@@ -525,47 +512,14 @@ def register_parametrization(
         if not unsafe:
             Y, states = _run(chain, originals, states, training)
             X, link_state = _call(link, link_state, "__call__", (Y,), training)
-            if not _is_tensor(X):
-                raise ValueError(f"A parametrization must return a tensor. Got {_type_name(X)}.")
-            if X.dtype != Y.dtype:
-                raise ValueError(
-                    "Registering a parametrization may not change the dtype of the tensor, "
-                    "unless the `unsafe` flag is enabled.\n"
-                    f"module.{tensor_name}.dtype: {Y.dtype}\n"
-                    f"parametrization(module.{tensor_name}).dtype: {X.dtype}"
-                )
-            if X.shape != Y.shape:
-                raise ValueError(
-                    "Registering a parametrization may not change the shape of the tensor, "
-                    "unless the `unsafe` flag is enabled.\n"
-                    f"module.{tensor_name}.shape: {Y.shape}\n"
-                    f"parametrization(module.{tensor_name}).shape: {X.shape}"
-                )
+            C.check_appended_value(Y, X, tensor_name)
             if link.has_right_inverse:
                 try:
                     Z, link_state = _call(link, link_state, "right_inverse", (X,), training)
                 except NotImplementedError:
                     pass
                 else:
-                    if not _is_tensor(Z):
-                        raise ValueError(
-                            "parametrization.right_inverse must return a tensor. "
-                            f"Got: {_type_name(Z)}"
-                        )
-                    if Z.dtype != Y.dtype:
-                        raise ValueError(
-                            "The tensor returned by parametrization.right_inverse must have the "
-                            f"same dtype as module.{tensor_name}, unless the `unsafe` flag is "
-                            f"enabled.\nmodule.{tensor_name}.dtype: {Y.dtype}\n"
-                            f"returned dtype: {Z.dtype}"
-                        )
-                    if Z.shape != Y.shape:
-                        raise ValueError(
-                            "The tensor returned by parametrization.right_inverse must have the "
-                            f"same shape as module.{tensor_name}, unless the `unsafe` flag is "
-                            f"enabled.\nmodule.{tensor_name}.shape: {Y.shape}\n"
-                            f"returned shape: {Z.shape}"
-                        )
+                    C.check_appended_right_inverse(Y, Z, tensor_name)
         new_chain = dataclasses.replace(
             chain, links=chain.links + (link,), unsafe=chain.unsafe or unsafe
         )
@@ -584,14 +538,14 @@ def register_parametrization(
         )
     if isinstance(leaf, meta.AxisMetadata):
         raise ValueError(
-            f"The variable '{_fmt(path)}' is boxed in {_type_name(leaf)} metadata.\n"
+            f"The variable '{_fmt(path)}' is boxed in {C.type_name(leaf)} metadata.\n"
             "fix: unbox the variables first (flax.linen.meta.unbox(variables))."
         )
     if isinstance(leaf, np.ndarray | np.generic):
         leaf = jnp.asarray(leaf)
-    if not _is_tensor(leaf):
+    if not C.is_tensor(leaf):
         raise ValueError(
-            f"Variable '{_fmt(path)}' holds a {_type_name(leaf)}, not an array.\n"
+            f"Variable '{_fmt(path)}' holds a {C.type_name(leaf)}, not an array.\n"
             "fix: parametrize a variable that holds a jax.Array."
         )
 
@@ -603,48 +557,11 @@ def register_parametrization(
             new, link_state = _call(link, link_state, "right_inverse", (new,), training)
         except NotImplementedError:
             pass
-    if not _is_tensor(new) and not isinstance(new, Sequence):
-        raise ValueError(
-            "'right_inverse' must return a Tensor or a Sequence of tensors (list, tuple...). "
-            f"Got {_type_name(new)}"
-        )
-    is_tensor = _is_tensor(new)
-    if is_tensor:
-        if new.dtype != original_dtype:
-            raise ValueError(
-                "When `right_inverse` outputs one tensor, it may not change the dtype.\n"
-                f"original.dtype: {original_dtype}\n"
-                f"right_inverse(original).dtype: {new.dtype}"
-            )
-        originals: tuple[Any, ...] = (new,)
-    else:
-        for i, item in enumerate(new):
-            if not _is_tensor(item):
-                raise ValueError(
-                    "'right_inverse' must return a Tensor or a Sequence of tensors "
-                    "(list, tuple...). "
-                    f"Got element {i} of the sequence with type {_type_name(item)}."
-                )
-        originals = tuple(new)
+    is_tensor, originals = C.originals_from_right_inverse(new, original_dtype)
     chain = ChainSpec(path, (link,), is_tensor, len(originals), unsafe)
     if not unsafe:
         Z, (link_state,) = _run(chain, originals, [link_state], training)
-        if not _is_tensor(Z):
-            raise ValueError(f"A parametrization must return a tensor. Got {_type_name(Z)}.")
-        if Z.dtype != original_dtype:
-            raise ValueError(
-                "Registering a parametrization may not change the dtype of the tensor, "
-                "unless `unsafe` flag is enabled.\n"
-                f"unparametrized dtype: {original_dtype}\n"
-                f"parametrized dtype: {Z.dtype}"
-            )
-        if Z.shape != original_shape:
-            raise ValueError(
-                "Registering a parametrization may not change the shape of the tensor, "
-                "unless `unsafe` flag is enabled.\n"
-                f"unparametrized shape: {original_shape}\n"
-                f"parametrized shape: {Z.shape}"
-            )
+        C.check_registered_value(Z, original_shape, original_dtype)
     prefix = chain._prefix(path[0])
     if _has(tree, prefix):
         raise ValueError(
@@ -672,11 +589,7 @@ def is_parametrized(spec: ParametrizationSpec, path: str | Sequence[str] | None 
 
 def _chain_or_raise(spec: ParametrizationSpec, path: Path) -> ChainSpec:
     if path not in spec:
-        names = ", ".join(_fmt(p) for p in spec) or "none"
-        raise ValueError(
-            f"Module {_fmt(path[:-1])} does not have a parametrization on {path[-1]}\n"
-            f"parametrized paths: {names}"
-        )
+        raise C.not_parametrized(_fmt(path[:-1]), path[-1], [_fmt(p) for p in spec])
     return spec[path]
 
 
@@ -797,44 +710,13 @@ def assign(
     for i in reversed(range(len(chain.links))):
         link = chain.links[i]
         if not link.has_right_inverse:
-            raise RuntimeError(
-                f"parametrization {link.name} does not implement right_inverse.\n"
-                "fix: give the parametrization a `right_inverse` method (or attribute, for "
-                "a plain function), or write the original directly in the variables dict."
+            raise C.missing_right_inverse(
+                link.name, "write the original directly in the variables dict"
             )
         value, states[i] = _call(link, states[i], "right_inverse", (value,), spec.training)
-    if chain.is_tensor:
-        if not _is_tensor(value):
-            raise ValueError(f"`right_inverse` should return a tensor. Got {_type_name(value)}")
-        if value.dtype != originals[0].dtype:
-            raise ValueError(
-                f"The tensor returned by `right_inverse` has dtype {value.dtype} "
-                f"while `original` has dtype {originals[0].dtype}"
-            )
-        new_originals: tuple[Any, ...] = (value,)
-    else:
-        if not isinstance(value, Sequence):
-            raise ValueError(
-                f"'right_inverse' must return a sequence of tensors. Got {_type_name(value)}."
-            )
-        if len(value) != chain.ntensors:
-            raise ValueError(
-                "'right_inverse' must return a sequence of tensors of length "
-                f"{chain.ntensors}. Got a sequence of length {len(value)}."
-            )
-        for i, (tensor, original) in enumerate(zip(value, originals, strict=True)):
-            if not _is_tensor(tensor):
-                raise ValueError(
-                    "'right_inverse' must return a sequence of tensors "
-                    "or reference-type opaques. Got element "
-                    f"{i} of type {_type_name(tensor)}."
-                )
-            if tensor.dtype != original.dtype:
-                raise ValueError(
-                    f"Tensor {i} returned by `right_inverse` has dtype {tensor.dtype} "
-                    f"while `original{i}` has dtype {original.dtype}"
-                )
-        new_originals = tuple(value)
+    new_originals = C.originals_from_assignment(
+        value, chain.is_tensor, [o.dtype for o in originals]
+    )
     tree = _copy(variables)
     _write(tree, chain, new_originals, states)
     return tree
@@ -884,11 +766,7 @@ def remove_parametrizations(
     elif leave_parametrized:
         value = _run(chain, originals, states, spec.training)[0]
     else:
-        raise ValueError(
-            "Cannot leave unparametrized (`leave_parametrized=False`) a tensor "
-            "that is parametrized in terms of a sequence of tensors.\n"
-            "fix: use leave_parametrized=True to keep the current value."
-        )
+        raise C.cannot_leave_unparametrized()
     tree = _copy(variables)
     _remove_layout(tree, chain)
     _set(tree, path, value)

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from jaxparam import _checks as C
 from jaxparam._value import ParametrizedValue, _unwrap
 
 __all__ = [
@@ -92,20 +93,6 @@ def cached() -> Iterator[None]:
         _cache_enabled -= 1
         if not _cache_enabled:
             _cache = {}
-
-
-def _is_tensor(x: Any) -> bool:
-    return isinstance(x, jax.Array)
-
-
-def _type_name(x: Any) -> str:
-    return type(x).__name__
-
-
-def _link_name(link: Any) -> str:
-    if isinstance(link, nnx.Module):
-        return type(link).__name__
-    return getattr(link, "__name__", type(link).__name__)
 
 
 def _has_right_inverse(link: Any) -> bool:
@@ -302,7 +289,10 @@ class ParametrizationList(nnx.Module):
         unsafe: bool = False,
     ) -> None:
         if len(modules) == 0:
-            raise ValueError("ParametrizationList requires one or more modules.")
+            raise ValueError(
+                "ParametrizationList requires one or more modules.\n"
+                "fix: pass at least one parametrization."
+            )
         self._length = 0
         for link in modules:
             self.append(link)
@@ -319,50 +309,10 @@ class ParametrizationList(nnx.Module):
                 except NotImplementedError:
                     pass
 
-        if not _is_tensor(new) and not isinstance(new, Sequence):
-            raise ValueError(
-                "'right_inverse' must return a Tensor or a Sequence of tensors (list, tuple...). "
-                f"Got {_type_name(new)}"
-            )
-        self.is_tensor = _is_tensor(new)
-        self.ntensors = 1 if self.is_tensor else len(new)
-
-        if self.is_tensor:
-            if new.dtype != original_dtype:
-                raise ValueError(
-                    "When `right_inverse` outputs one tensor, it may not change the dtype.\n"
-                    f"original.dtype: {original_dtype}\n"
-                    f"right_inverse(original).dtype: {new.dtype}"
-                )
-            originals = (new,)
-        else:
-            for i, item in enumerate(new):
-                if not _is_tensor(item):
-                    raise ValueError(
-                        "'right_inverse' must return a Tensor or a Sequence of tensors "
-                        "(list, tuple...). "
-                        f"Got element {i} of the sequence with type {_type_name(item)}."
-                    )
-            originals = tuple(new)
-
+        self.is_tensor, originals = C.originals_from_right_inverse(new, original_dtype)
+        self.ntensors = len(originals)
         if not self.unsafe:
-            Z = self._apply(originals)
-            if not _is_tensor(Z):
-                raise ValueError(f"A parametrization must return a tensor. Got {_type_name(Z)}.")
-            if Z.dtype != original_dtype:
-                raise ValueError(
-                    "Registering a parametrization may not change the dtype of the tensor, "
-                    "unless `unsafe` flag is enabled.\n"
-                    f"unparametrized dtype: {original_dtype}\n"
-                    f"parametrized dtype: {Z.dtype}"
-                )
-            if Z.shape != original_shape:
-                raise ValueError(
-                    "Registering a parametrization may not change the shape of the tensor, "
-                    "unless `unsafe` flag is enabled.\n"
-                    f"unparametrized shape: {original_shape}\n"
-                    f"parametrized shape: {Z.shape}"
-                )
+            C.check_registered_value(self._apply(originals), original_shape, original_dtype)
 
         # All checks passed: only now is the original Variable touched.
         if self.is_tensor:
@@ -390,7 +340,7 @@ class ParametrizationList(nnx.Module):
         """Append a link to the chain (used by :func:`register_parametrization`)."""
         if not callable(link):
             raise TypeError(
-                f"A parametrization must be callable. Got {_type_name(link)}.\n"
+                f"A parametrization must be callable. Got {C.type_name(link)}.\n"
                 "fix: pass a function of the original(s), or an nnx.Module with __call__."
             )
         setattr(self, str(self._length), link)
@@ -447,48 +397,16 @@ class ParametrizationList(nnx.Module):
         """
         value = _unwrap(value)
         for link in reversed(list(self)):
-            if _has_right_inverse(link):
-                value = link.right_inverse(value)
-            else:
-                raise RuntimeError(
-                    f"parametrization {_link_name(link)} does not implement right_inverse.\n"
-                    "fix: give the parametrization a `right_inverse` method (or attribute, "
-                    "for a plain function), or assign the original directly: "
-                    "`module.parametrizations.<name>.original[...] = value`."
+            if not _has_right_inverse(link):
+                raise C.missing_right_inverse(
+                    C.link_name(link),
+                    "assign the original directly: "
+                    "`module.parametrizations.<name>.original[...] = value`",
                 )
-        if self.is_tensor:
-            if not _is_tensor(value):
-                raise ValueError(f"`right_inverse` should return a tensor. Got {_type_name(value)}")
-            if value.dtype != self.original.dtype:
-                raise ValueError(
-                    f"The tensor returned by `right_inverse` has dtype {value.dtype} "
-                    f"while `original` has dtype {self.original.dtype}"
-                )
-            _set_value(self.original, value)
-            return
-        if not isinstance(value, Sequence):
-            raise ValueError(
-                f"'right_inverse' must return a sequence of tensors. Got {_type_name(value)}."
-            )
-        if len(value) != self.ntensors:
-            raise ValueError(
-                "'right_inverse' must return a sequence of tensors of length "
-                f"{self.ntensors}. Got a sequence of length {len(value)}."
-            )
+            value = link.right_inverse(value)
         originals = self.originals()
-        for i, (tensor, original) in enumerate(zip(value, originals, strict=True)):
-            if not _is_tensor(tensor):
-                raise ValueError(
-                    "'right_inverse' must return a sequence of tensors "
-                    "or reference-type opaques. Got element "
-                    f"{i} of type {_type_name(tensor)}."
-                )
-            if tensor.dtype != original.dtype:
-                raise ValueError(
-                    f"Tensor {i} returned by `right_inverse` has dtype {tensor.dtype} "
-                    f"while `original{i}` has dtype {original.dtype}"
-                )
-        for tensor, original in zip(value, originals, strict=True):
+        new = C.originals_from_assignment(value, self.is_tensor, [v.dtype for v in originals])
+        for tensor, original in zip(new, originals, strict=True):
             _set_value(original, tensor)
 
 
@@ -603,45 +521,13 @@ def _check_link_preserves(module: nnx.Module, tensor_name: str, parametrization:
     """Torch's checks when appending to an existing chain (parametrization maps A to A)."""
     Y = _get_parametrized(module, tensor_name)
     X = parametrization(Y)
-    if not _is_tensor(X):
-        raise ValueError(f"A parametrization must return a tensor. Got {_type_name(X)}.")
-    if X.dtype != Y.dtype:
-        raise ValueError(
-            "Registering a parametrization may not change the dtype of the tensor, "
-            "unless the `unsafe` flag is enabled.\n"
-            f"module.{tensor_name}.dtype: {Y.dtype}\n"
-            f"parametrization(module.{tensor_name}).dtype: {X.dtype}"
-        )
-    if X.shape != Y.shape:
-        raise ValueError(
-            "Registering a parametrization may not change the shape of the tensor, "
-            "unless the `unsafe` flag is enabled.\n"
-            f"module.{tensor_name}.shape: {Y.shape}\n"
-            f"parametrization(module.{tensor_name}).shape: {X.shape}"
-        )
+    C.check_appended_value(Y, X, tensor_name)
     if _has_right_inverse(parametrization):
         try:
             Z = parametrization.right_inverse(X)
         except NotImplementedError:
             return
-        if not _is_tensor(Z):
-            raise ValueError(
-                f"parametrization.right_inverse must return a tensor. Got: {_type_name(Z)}"
-            )
-        if Z.dtype != Y.dtype:
-            raise ValueError(
-                "The tensor returned by parametrization.right_inverse must have the same dtype "
-                f"as module.{tensor_name}, unless the `unsafe` flag is enabled.\n"
-                f"module.{tensor_name}.dtype: {Y.dtype}\n"
-                f"returned dtype: {Z.dtype}"
-            )
-        if Z.shape != Y.shape:
-            raise ValueError(
-                "The tensor returned by parametrization.right_inverse must have the same shape "
-                f"as module.{tensor_name}, unless the `unsafe` flag is enabled.\n"
-                f"module.{tensor_name}.shape: {Y.shape}\n"
-                f"returned shape: {Z.shape}"
-            )
+        C.check_appended_right_inverse(Y, Z, tensor_name)
 
 
 def _sync_training_mode(module: nnx.Module, parametrization: Any) -> None:
@@ -710,10 +596,10 @@ def register_parametrization(
             plist.unsafe |= unsafe
         elif isinstance(vars(module).get(tensor_name), nnx.Variable):
             original = vars(module)[tensor_name]
-            if not _is_tensor(original.get_raw_value()):
+            if not C.is_tensor(original.get_raw_value()):
                 raise ValueError(
-                    f"Module '{_type_name(module)}' has a Variable '{tensor_name}' that holds "
-                    f"a {_type_name(original.get_raw_value())}, not an array.\n"
+                    f"Module '{C.type_name(module)}' has a Variable '{tensor_name}' that holds "
+                    f"a {C.type_name(original.get_raw_value())}, not an array.\n"
                     "fix: parametrize a Variable that holds a jax.Array."
                 )
             plist = ParametrizationList([parametrization], original, unsafe=unsafe)
@@ -730,13 +616,13 @@ def register_parametrization(
             variables = ", ".join(sorted(_variables_of(module))) or "none"
             attr = vars(module).get(tensor_name, None)
             if tensor_name in vars(module):
-                detail = f"\nfound: an attribute of type {_type_name(attr)}, not an nnx.Variable"
+                detail = f"\nfound: an attribute of type {C.type_name(attr)}, not an nnx.Variable"
             elif hasattr(type(module), tensor_name):
                 detail = "\nfound: a class attribute (a method or property), not an nnx.Variable"
             else:
                 detail = ""
             raise ValueError(
-                f"Module '{_type_name(module)}' does not have a parameter, a buffer, or a "
+                f"Module '{C.type_name(module)}' does not have a parameter, a buffer, or a "
                 f"parametrized element with name '{tensor_name}'{detail}\n"
                 f"Variables of the module: {variables}\n"
                 "fix: name an nnx.Variable (nnx.Param, nnx.BatchStat, ...) held directly "
@@ -797,9 +683,8 @@ def remove_parametrizations(
       'Linear'
     """
     if not is_parametrized(module, tensor_name):
-        raise ValueError(
-            f"Module {_type_name(module)} does not have a parametrization on {tensor_name}\n"
-            f"parametrized names: {', '.join(sorted(_parametrized_names(module))) or 'none'}"
+        raise C.not_parametrized(
+            C.type_name(module), tensor_name, list(_parametrized_names(module))
         )
     with _transaction(module):
         plist = module.parametrizations[tensor_name]
@@ -807,14 +692,11 @@ def remove_parametrizations(
             original = plist.original
             if leave_parametrized:
                 t = _get_parametrized(module, tensor_name)
+                C.check_baked_dtype(t, original.dtype)
                 _set_value(original, t)
         else:
             if not leave_parametrized:
-                raise ValueError(
-                    "Cannot leave unparametrized (`leave_parametrized=False`) a tensor "
-                    "that is parametrized in terms of a sequence of tensors.\n"
-                    "fix: use leave_parametrized=True to keep the current value."
-                )
+                raise C.cannot_leave_unparametrized()
             t = _get_parametrized(module, tensor_name)
             original = _new_variable_like(_template(plist, t), t)
 

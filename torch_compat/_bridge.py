@@ -62,6 +62,8 @@ import numpy as np
 import torch
 from flax import nnx
 
+from jaxparam._checks import link_name
+
 try:  # The fast path: skip jax.dlpack.from_dlpack's Python overhead (~30 us).
     from jax._src.lib import _jax as _jaxlib
 
@@ -278,6 +280,9 @@ def is_jax_link(module: Any) -> bool:
 class _JaxLink(torch.nn.Module):
     """Base of the torch adapters that run a JAX parametrization."""
 
+    #: The user's parametrization's name, used where torch's messages name a link.
+    parametrization_name: str = "JaxParametrization"
+
     def _jax_key(self) -> Any:
         raise NotImplementedError
 
@@ -317,6 +322,7 @@ class JaxParametrization(_JaxLink):
             raise TypeError(f"A JAX parametrization must be callable. Got {type(fn).__name__}.")
         super().__init__()
         self.fn = fn
+        self.parametrization_name = link_name(fn)
 
     def _jax_key(self) -> Any:
         return self.fn
@@ -415,6 +421,7 @@ class NNXParametrization(_JaxLink):
         self._p_names = [self._register(path, leaf, True) for path, leaf in p_paths]
         self._b_names = [self._register(path, leaf, False) for path, leaf in b_paths]
         self._has_inverse = callable(getattr(module, "right_inverse", None))
+        self.parametrization_name = link_name(module)
 
     def _register(self, path, leaf, is_param: bool) -> tuple[str, ...]:
         names = _path_names(path)

@@ -239,6 +239,11 @@ def _is_injected(cls: type) -> bool:
     return cls in _INJECTED
 
 
+def _link_name(module: Module) -> str:
+    """The name torch's messages give a link: the user's JAX callable's, not the adapter's."""
+    return getattr(module, "parametrization_name", type(module).__name__)
+
+
 def _as_module(parametrization: Any) -> Module:
     """Torch modules stay as they are; JAX callables get a torch adapter."""
     if isinstance(parametrization, Module):
@@ -431,7 +436,7 @@ class ParametrizationList(_torch_parametrize.ParametrizationList):
                     value = module.right_inverse(value)  # type: ignore[operator]
                 else:
                     raise RuntimeError(
-                        f"parametrization {type(module).__name__} does not implement right_inverse."
+                        f"parametrization {_link_name(module)} does not implement right_inverse."
                     )
             if self.is_tensor:
                 if not isinstance(value, Tensor):
