@@ -717,15 +717,3 @@ def test_orthogonal_matches_torch_and_nnx_and_trains_alike(m):
     )
     v3 = PL.assign(restored, "params/kernel", jnp.asarray(q), spec=spec)
     jax.tree.map(np.testing.assert_array_equal, v3, v2)
-
-
-def test_docs_example_runs():
-    import pathlib
-    import re
-
-    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "linen.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
-    assert len(blocks) >= 2
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(doc), "exec"), namespace)
