@@ -64,7 +64,14 @@ from flax.nnx import variablelib
 
 from jaxparam import _checks as C
 from jaxparam import functional as F
-from jaxparam.parametrizations import Orthogonal, SpectralNorm, WeightNorm
+from jaxparam.parametrizations import (
+    DEFAULT,
+    Orthogonal,
+    SpectralNorm,
+    WeightNorm,
+    _axis,
+    _key,
+)
 
 __all__ = [
     "BUFFERS",
@@ -863,14 +870,6 @@ def apply(
 # ---------------------------------------------------------------------------
 
 
-class _Default:
-    def __repr__(self) -> str:
-        return "<per output feature>"
-
-
-_DEFAULT: Any = _Default()
-
-
 def _leaf(variables: Variables, path: Path) -> jax.Array:
     if not _has(variables, path) or isinstance(_get(variables, path), Mapping):
         raise ValueError(
@@ -889,30 +888,15 @@ def _current(variables: Variables, path: Path, spec: ParametrizationSpec | None)
 
 def _resolve_dim(path: Path, dim: Any, ndim: int) -> int | None:
     """A non-negative axis, or None. Default: 0 for ``embedding``, else the last axis."""
-    if dim is _DEFAULT:
+    if dim is DEFAULT:
         dim = 0 if path[-1] == "embedding" else -1
-    if dim is None:
-        return None
-    if not -ndim <= dim < max(ndim, 1):
-        raise IndexError(
-            f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}] "
-            f"but got {dim})"
-        )
-    return dim % max(ndim, 1)
-
-
-def _key(rngs: nnx.Rngs | jax.Array | int) -> jax.Array:
-    if isinstance(rngs, nnx.Rngs):
-        return rngs.params()
-    if isinstance(rngs, int):
-        return jax.random.key(rngs)
-    return jnp.asarray(rngs)
+    return _axis(dim, ndim)
 
 
 def weight_norm(
     variables: Variables,
     path: str | Sequence[str],
-    dim: Any = _DEFAULT,
+    dim: Any = DEFAULT,
     *,
     spec: ParametrizationSpec | None = None,
 ) -> tuple[dict[str, Any], ParametrizationSpec]:
@@ -962,7 +946,7 @@ def spectral_norm(
     path: str | Sequence[str],
     n_power_iterations: int = 1,
     eps: float = 1e-12,
-    dim: Any = _DEFAULT,
+    dim: Any = DEFAULT,
     *,
     rngs: nnx.Rngs | jax.Array | int = 0,
     spec: ParametrizationSpec | None = None,

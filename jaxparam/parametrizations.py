@@ -87,8 +87,11 @@ def _output_dim(module: nnx.Module) -> int:
 
 def _resolve_dim(module: nnx.Module, dim: Any, ndim: int) -> int | None:
     """A non-negative Flax axis, or ``None`` for the whole tensor."""
-    if dim is DEFAULT:
-        dim = _output_dim(module)
+    return _axis(_output_dim(module) if dim is DEFAULT else dim, ndim)
+
+
+def _axis(dim: int | None, ndim: int) -> int | None:
+    """``dim`` checked against ``ndim`` and made non-negative (``None`` stays)."""
     if dim is None:
         return None
     if not -ndim <= dim < max(ndim, 1):
