@@ -129,7 +129,7 @@ def _taylor(b: jax.Array, degree: int) -> jax.Array:
 
 
 def _scaling(a: jax.Array, theta: float) -> tuple[jax.Array, jax.Array]:
-    norm = jnp.max(jnp.sum(jnp.abs(jax.lax.stop_gradient(a)), axis=-2))
+    norm = jnp.max(jnp.sum(jnp.abs(jax.lax.stop_gradient(a)), axis=-2), initial=0.0)
     s = jnp.ceil(jnp.log2(norm / theta))
     s = jnp.where(jnp.isfinite(s), jnp.clip(s, 0, 64), 0).astype(jnp.int32)
     scale = jnp.exp2(-s.astype(jnp.finfo(a.dtype).dtype)).astype(a.dtype)
@@ -393,6 +393,10 @@ def orthogonal(
             "orthogonal: `base` was given but use_trivialization=False.\n"
             "fix: pass use_trivialization=True, or drop `base`"
         )
+    if X.size == 0:
+        # An empty matrix is orthogonal: torch returns it unchanged (and the maps'
+        # reductions, such as the matrix exponential's norm, have no empty case).
+        return X
     n, k = X.shape[-2], X.shape[-1]
     transposed = n < k
     if transposed:

@@ -16,6 +16,7 @@ returned unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -57,9 +58,11 @@ def _normalize(x: jax.Array, eps: float) -> jax.Array:
 
 
 def _to_matrix(weight: jax.Array, dim: int) -> jax.Array:
+    # torch's flatten(1): the width is the explicit product of the other axes, so a
+    # weight with 0 output features still has an answer (reshape(0, -1) has none).
     if dim != 0:
         weight = jnp.moveaxis(weight, dim, 0)
-    return weight.reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
 
 
 def _mv(m: jax.Array, x: jax.Array) -> jax.Array:

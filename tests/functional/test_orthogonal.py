@@ -283,3 +283,15 @@ def test_error_base_mismatch():
         orthogonal(jnp.eye(3), jnp.eye(3), orthogonal_map="cayley", use_trivialization=False)
     with pytest.raises(ValueError, match="`key` is required"):
         orthogonal_right_inverse(jnp.eye(3)[:, :2], orthogonal_map="cayley")
+
+
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley", "householder"])
+@pytest.mark.parametrize("shape", [(0, 0), (0, 3), (3, 0), (2, 0, 0)], ids=str)
+def test_orthogonal_empty_is_unchanged_as_torch(shape, orthogonal_map):
+    X = jnp.zeros(shape)
+    Q = orthogonal(X, orthogonal_map=orthogonal_map, use_trivialization=False)
+    assert Q.shape == shape
+    n = max(shape[-2:])
+    base = jnp.zeros((*shape[:-2], n, n))
+    assert orthogonal(X, base, orthogonal_map=orthogonal_map).shape == shape
+    assert matrix_exp(jnp.zeros((0, 0))).shape == (0, 0)

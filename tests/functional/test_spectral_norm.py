@@ -153,3 +153,16 @@ def test_spectral_norm_bad_iterations(n):
         lambda: _SpectralNorm(w, n_power_iterations=n),
         lambda: spectral_norm(jw, state, n_power_iterations=n),
     )
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("shape", [(0, 4), (0, 0), (4, 0), (0, 2, 3)], ids=str)
+def test_spectral_norm_empty_weights(shape, dim):
+    # torch flattens with flatten(1); reshape(h, -1) has no answer when h == 0.
+    w = jnp.zeros(shape)
+    state = spectral_norm_init(w, jax.random.key(0), dim=dim)
+    out, new = jax.jit(functools.partial(spectral_norm, dim=dim))(w, state)
+    assert out.shape == shape
+    assert new.u.shape == (shape[dim],)
+    grad = jax.grad(lambda w: spectral_norm(w, state, dim=dim)[0].sum())(w)
+    assert grad.shape == shape
