@@ -122,12 +122,6 @@ def test_sharding_metadata_through_registration_and_removal(findings):
     assert _padded(meta["spectral_norm_removed_spec"]) == [None, "model"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch_compat.to_torch exports only the first shard of a sharded jax.Array "
-    "(a (8, 8) array sharded 4 ways comes back as an (8, 2) tensor) instead of refusing "
-    "it; torch_compat is owned by another engineer",
-)
 def test_torch_compat_refuses_sharded_arrays(findings):
     res = findings["to_torch_sharded"]
     assert res["error"] in ("ValueError", "TypeError"), res

@@ -180,6 +180,41 @@ def _import(t: torch.Tensor) -> jax.Array:
         return jax.dlpack.from_dlpack(t.detach(), device=jdev)
 
 
+_GATHER = (
+    "fix: gather it onto one device first, e.g. `jax.device_put(array, jax.devices()[0])` "
+    "(or `jax.device_get(array)` for a NumPy copy); a fully replicated array is refused "
+    "too, for the same reason."
+)
+_NO_MESH = (
+    "fix: return a single-device array: do not place the result on a mesh inside the "
+    "JAX function (`with_sharding_constraint`, `device_put` with a multi-device sharding)."
+)
+
+
+def _several_devices(what: str, shape: Any, sharding: Any, fix: str = _GATHER) -> ValueError:
+    return ValueError(
+        f"Cannot pass {what} to torch: it spans several devices, and DLPack exports "
+        "one device buffer (torch would see a single shard).\n"
+        f"shape: {tuple(shape)}\n"
+        f"sharding: {sharding}\n" + fix
+    )
+
+
+def _check_compiled(compiled: Any, what: str) -> None:
+    """Refuses a compiled chain whose inputs or outputs span several devices.
+
+    A JAX link that shards its output (``with_sharding_constraint`` on a mesh)
+    makes XLA compile for the whole mesh; torch can take only single-device
+    buffers. Checked once, when the chain is compiled.
+    """
+    for info in jax.tree.leaves(compiled.out_info):
+        if info.sharding is not None and len(info.sharding.device_set) > 1:
+            raise _several_devices(f"the output of {what}", info.shape, info.sharding, _NO_MESH)
+    for sharding in jax.tree.leaves(compiled.input_shardings):
+        if len(sharding.device_set) > 1:  # the inputs follow the outputs' mesh
+            raise _several_devices(f"the output of {what}", (), sharding, _NO_MESH)
+
+
 def _export(a: jax.Array, cpu: bool | None = None) -> torch.Tensor:
     if cpu is None:
         cpu = next(iter(a.devices())).platform == "cpu"
@@ -243,6 +278,9 @@ def to_torch(array: jax.Array) -> torch.Tensor:
     Raises:
         TypeError: if ``array`` is not a ``jax.Array`` or its dtype has no torch
             equivalent through DLPack.
+        ValueError: if ``array`` spans several devices (sharded or replicated):
+            DLPack exports one device buffer. Gather it first
+            (``jax.device_put(array, jax.devices()[0])``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -251,6 +289,8 @@ def to_torch(array: jax.Array) -> torch.Tensor:
     """
     if not isinstance(array, jax.Array) or isinstance(array, jax.core.Tracer):
         raise TypeError(f"to_torch expects a concrete jax.Array. Got {type(array).__name__}.")
+    if len(array.sharding.device_set) > 1:
+        raise _several_devices("a JAX array", array.shape, array.sharding)
     try:
         return _export(array)
     except (TypeError, BufferError, RuntimeError) as e:
@@ -579,6 +619,11 @@ def _get_entry(links, tensors, grad: bool) -> _Entry:
         return _build_entry(key, links, tensors, grad)
 
 
+def _chain_name(links) -> str:
+    names = ", ".join(f"`{link.parametrization_name}`" for link in links)
+    return f"the JAX parametrization {names}" if len(links) == 1 else f"JAX links {names}"
+
+
 def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     for t in tensors:
         _check_dtype(t.dtype)
@@ -640,6 +685,7 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
     with _x64_ctx(x64):
         compiled = jax.jit(fwd).trace(*specs).lower().compile()
+    _check_compiled(compiled, _chain_name(links))
     entry = _Entry(
         x64=x64,
         cpu=all(t.device.type == "cpu" for t in tensors),
@@ -799,6 +845,7 @@ def call_jax(fn: Callable[..., Any], *tensors: torch.Tensor, what: str, key: Any
         specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
         with _x64_ctx(x64):
             compiled = jax.jit(checked).trace(*specs).lower().compile()
+        _check_compiled(compiled, what)
         hit = (x64, compiled)
         _call_entries[ck] = hit
     x64, compiled = hit

@@ -350,3 +350,48 @@ def test_nnx_param_memory_is_owned_by_torch():
     with torch.no_grad():
         m.parametrizations.weight[0].scale.add_(1.0)
     assert float(module.scale[...]) == 1.0
+
+
+_SHARDED_SCRIPT = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path[:] = [p for p in sys.path if not p.endswith("tests")]
+import jax, jax.numpy as jnp, numpy as np, torch
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import torch_compat
+from torch_compat import parametrize
+
+mesh = Mesh(np.array(jax.devices()), ("model",))
+for spec in (P(None, "model"), P()):  # sharded, then fully replicated
+    a = jax.device_put(jnp.ones((4, 4)), NamedSharding(mesh, spec))
+    try:
+        torch_compat.to_torch(a)
+        print("to_torch: no error")
+    except ValueError as e:
+        assert "spans several devices" in str(e) and "jax.device_put" in str(e), e
+assert torch_compat.to_torch(jax.device_put(a, jax.devices()[0])).shape == (4, 4)
+
+def shard(x):
+    return jax.lax.with_sharding_constraint(2 * x, NamedSharding(mesh, P(None, "model")))
+
+m = torch.nn.Linear(4, 4)
+try:
+    parametrize.register_parametrization(m, "weight", shard)
+    print("link: no error")
+except ValueError as e:
+    assert "spans several devices" in str(e) and "`shard`" in str(e), e
+assert type(m) is torch.nn.Linear
+print("ok")
+"""
+
+
+def test_multi_device_arrays_are_refused():
+    # XLA_FLAGS must be set before jax is imported: a fresh process with 2 CPU devices.
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["ok"], res.stdout
