@@ -91,15 +91,6 @@ def test_weight_norm_zero_row_is_nan_as_in_torch():
 # -- empty, 0-d and 1-d tensors --------------------------------------------------------
 
 
-_SPECTRAL_EMPTY_XFAIL = pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason="jaxparam.functional's spectral norm reshapes the weight to (h, -1), which "
-    "has no answer when h == 0 output features (torch uses flatten(1)); the functional "
-    "core is not this engineer's file",
-)
-
-
 @pytest.mark.parametrize(
     "builtin, shape",
     [
@@ -109,8 +100,8 @@ _SPECTRAL_EMPTY_XFAIL = pytest.mark.xfail(
     ]
     + [
         ("spectral_norm", (4, 0)),
-        pytest.param("spectral_norm", (0, 4), marks=_SPECTRAL_EMPTY_XFAIL),
-        pytest.param("spectral_norm", (0, 0), marks=_SPECTRAL_EMPTY_XFAIL),
+        ("spectral_norm", (0, 4)),
+        ("spectral_norm", (0, 0)),
     ],
     ids=str,
 )
@@ -427,8 +418,6 @@ COMPAT = {
     ),
 }
 
-_COMPAT_OWNER = "torch_compat is owned by another engineer"
-
 
 @pytest.mark.parametrize("kind", ["nan", "inf", "zero_row"])
 @pytest.mark.parametrize("builtin", sorted(COMPAT))
@@ -448,18 +437,8 @@ def test_compat_non_finite_as_torch(builtin, kind):
         ("spectral_norm", (4, 0)),
         ("orthogonal", (4, 0)),
         ("orthogonal", (0, 4)),
-        pytest.param(
-            "orthogonal",
-            (0, 0),
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=ValueError,
-                reason="torch_compat orthogonal on a (0, 0) weight: 'zero-size array to "
-                "reduction operation max' from the matrix exponential (torch returns the "
-                "empty tensor; jaxparam's NNX orthogonal guards it); " + _COMPAT_OWNER,
-            ),
-        ),
-        pytest.param("spectral_norm", (0, 4), marks=_SPECTRAL_EMPTY_XFAIL),
+        ("orthogonal", (0, 0)),
+        ("spectral_norm", (0, 4)),
     ],
     ids=str,
 )
@@ -482,20 +461,7 @@ def test_compat_one_d_as_torch():
 
 @pytest.mark.parametrize(
     "builtin, kw",
-    [
-        pytest.param(
-            "weight_norm",
-            {"dim": dim},
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="torch_compat weight_norm on a 0-d weight returns it unchanged; torch "
-                "raises IndexError 'Dimension specified as ... but tensor has no "
-                "dimensions'; " + _COMPAT_OWNER,
-            ),
-            id=f"weight_norm-dim={dim}",
-        )
-        for dim in (0, None)
-    ]
+    [pytest.param("weight_norm", {"dim": dim}, id=f"weight_norm-dim={dim}") for dim in (0, None)]
     + [("spectral_norm", {}), ("orthogonal", {})],
 )
 def test_compat_0d_as_torch(builtin, kw):
@@ -511,15 +477,7 @@ def test_compat_0d_as_torch(builtin, kw):
 @pytest.mark.parametrize(
     "builtin",
     [
-        pytest.param(
-            "weight_norm",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="torch_compat weight_norm on an integer/boolean buffer returns "
-                "integers; torch raises RuntimeError 'norm(): input dtype should be either "
-                "floating point or complex'; " + _COMPAT_OWNER,
-            ),
-        ),
+        "weight_norm",
         "spectral_norm",
         "orthogonal",
     ],

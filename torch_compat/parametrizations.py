@@ -209,6 +209,31 @@ def orthogonal(
 # --------------------------------------------------------------------------- #
 
 
+_NO_DIMENSIONS = "Dimension specified as {dim} but tensor has no dimensions"
+
+
+def _check_norm_input(weight: Tensor, dim: int) -> None:
+    """Raises what ``torch.norm_except_dim(weight, 2, dim)`` raises, in torch's order.
+
+    The JAX math would return a 0-d weight unchanged and integers as integers.
+    """
+    ndim = max(weight.ndim, 1)
+    if not -ndim <= dim < ndim:
+        raise IndexError(
+            "Dimension out of range (expected to be in range of "
+            f"[{-ndim}, {ndim - 1}], but got {dim})"
+        )
+    if weight.ndim == 0 and dim == 0:
+        # (dim=-1 is the whole tensor here; torch raises for it in `forward`.)
+        raise IndexError(_NO_DIMENSIONS.format(dim=dim))
+    if not (weight.is_floating_point() or weight.is_complex()):
+        # torch names the scalar type as in `Tensor.type()`: Int, Long, Bool, Byte, ...
+        kind = weight.new_empty(0).type().rsplit(".", 1)[-1].removesuffix("Tensor")
+        raise RuntimeError(
+            f"norm(): input dtype should be either floating point or complex. Got {kind} instead."
+        )
+
+
 class _WeightNorm(_bridge._JaxLink):
     """torch's ``_WeightNorm`` link; the math is `jaxparam.functional.weight_norm`."""
 
@@ -225,12 +250,15 @@ class _WeightNorm(_bridge._JaxLink):
         dim = self.dim
 
         def apply(params, buffers, weight_g, weight_v):
+            if weight_v.ndim == 0:  # torch._weight_norm's check (trace time)
+                raise IndexError(_NO_DIMENSIONS.format(dim=dim))
             return F.weight_norm(weight_g, weight_v, dim), []
 
         return apply
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         dim = self.dim
+        _check_norm_input(weight, dim)
         weight_g = _bridge.call_jax(
             lambda w: F.weight_norm_inverse(w, dim)[0],
             weight,

@@ -374,3 +374,52 @@ def test_public_api():
             (p.name, p.default, p.kind) for p in sig_t
         ], name
         assert getattr(CP, name).__doc__
+
+
+def _buffer_module(w):
+    m = nn.Module()
+    m.register_buffer("weight", w)
+    return m
+
+
+@pytest.mark.parametrize(
+    "weight, dim",
+    [
+        (torch.tensor(-3.0), 0),
+        (torch.tensor(-3.0), None),
+        (torch.tensor(-3.0), 1),
+        (torch.tensor(3), 0),
+        (torch.tensor(3), None),
+        (torch.ones(2, 2), 5),
+        (torch.ones(2, 2, dtype=torch.int32), 5),
+        *((torch.ones(3, 3, dtype=dt), 0) for dt in (torch.int8, torch.int64, torch.uint8)),
+        (torch.ones(3, dtype=torch.bool), None),
+    ],
+    ids=str,
+)
+def test_weight_norm_bad_weights_raise_torchs_errors(weight, dim):
+    # Same exception, same message, at the same moment (registration or access).
+    def outcome(register):
+        m = _buffer_module(weight.clone())
+        try:
+            register(m, "weight", dim=dim)
+        except Exception as e:  # noqa: BLE001 - compared below
+            return "register", type(e), str(e)
+        try:
+            _ = m.weight
+        except Exception as e:  # noqa: BLE001 - compared below
+            return "access", type(e), str(e)
+        return None
+
+    expected = outcome(TP.weight_norm)
+    assert expected is not None
+    assert outcome(CP.weight_norm) == expected
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 4), (4, 0), (2, 0, 0)], ids=str)
+@pytest.mark.parametrize("builtin", ["orthogonal", "spectral_norm"])
+def test_empty_weights_as_torch(builtin, shape):
+    torch.manual_seed(0)
+    theirs = getattr(TP, builtin)(_buffer_module(torch.zeros(shape)), "weight").weight
+    ours = getattr(CP, builtin)(_buffer_module(torch.zeros(shape)), "weight").weight
+    assert ours.shape == theirs.shape == shape
