@@ -17,6 +17,9 @@ In plain words:
 
   The inputs (and the output) are saved with ``ctx.save_for_backward`` so that
   torch's version counter catches an in-place edit between forward and backward.
+  A residual that is one of those saved tensors (weight norm keeps ``v``,
+  spectral norm keeps ``W``) is not returned by the forward (XLA would copy it
+  into a fresh buffer): the backward reads it from the saved tensor instead.
 * Accepted dtypes: float16, bfloat16, float32, float64, complex64, complex128
   (differentiable), and int8/16/32/64, uint8, bool (passed through, never
   differentiated). Anything else (complex32, float8, quantized, ...) raises
@@ -561,6 +564,9 @@ class _Entry:
         "conj",
         "res_tree",
         "res_specs",
+        "res_src",
+        "saved_used",
+        "saved_specs",
         "ct_spec",
         "bwd",
     )
@@ -572,16 +578,24 @@ class _Entry:
     def backward(self) -> Any:
         """The compiled VJP ``(residual leaves, cotangent) -> grads`` (built once)."""
         if self.bwd is None:
-            res_tree, conj = self.res_tree, self.conj
+            res_tree, conj, src = self.res_tree, self.conj, self.res_src
 
-            def bwd(leaves, ct):
+            def bwd(computed, saved, ct):
+                # Residuals that are inputs (or the output) come from torch's saved
+                # tensors instead of being written out again by the forward.
+                leaves = [computed[j] if k == "r" else saved[j] for k, j in src]
                 vjp_fn = jax.tree_util.tree_unflatten(res_tree, leaves)
                 if conj:  # torch's complex gradient convention is the conjugate of JAX's
                     return [jnp.conj(g) for g in vjp_fn(jnp.conj(ct))]
                 return list(vjp_fn(ct))
 
             with _x64_ctx(self.x64):
-                self.bwd = jax.jit(bwd).trace(self.res_specs, self.ct_spec).lower().compile()
+                self.bwd = (
+                    jax.jit(bwd)
+                    .trace(self.res_specs, self.saved_specs, self.ct_spec)
+                    .lower()
+                    .compile()
+                )
         return self.bwd
 
 
@@ -649,6 +663,7 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     mutated: list[int] = []
     res_tree: list[Any] = []
     res_specs: list[Any] = []
+    res_src: list[tuple[str, int]] = []
     ct_spec: list[Any] = []
 
     def record(flat, new_bufs):
@@ -669,10 +684,22 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
             y, vjp_fn, new_bufs = jax.vjp(f, *(flat[i] for i in diff_pos), has_aux=True)
             # Residuals leave the compiled call as flat arrays; the treedef
             # (which holds the linearized jaxpr) is recorded once, here.
-            leaves, res_tree[:] = (
+            all_leaves, res_tree[:] = (
                 jax.tree_util.tree_flatten(vjp_fn)[0],
                 [jax.tree_util.tree_structure(vjp_fn)],
             )
+            # A residual that is a differentiable input or the output is already
+            # saved by torch (`save_for_backward`): returning it would make XLA
+            # copy it into a fresh buffer. Recorded by tracer identity.
+            saved = [flat[i] for i in diff_pos] + [y]
+            leaves = []
+            for leaf in all_leaves:
+                j = next((j for j, x in enumerate(saved) if leaf is x), None)
+                if j is None:
+                    res_src.append(("r", len(leaves)))
+                    leaves.append(leaf)
+                else:
+                    res_src.append(("s", j))
             res_specs[:] = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
             ct_spec[:] = [jax.ShapeDtypeStruct(y.shape, y.dtype)]
             return y, record(flat, new_bufs), leaves
@@ -686,6 +713,10 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     with _x64_ctx(x64):
         compiled = jax.jit(fwd).trace(*specs).lower().compile()
     _check_compiled(compiled, _chain_name(links))
+    # The saved tensors (diff inputs, then y) the backward reads, in order.
+    all_saved = [specs[i] for i in diff_pos] + ct_spec
+    used = sorted({j for k, j in res_src if k == "s"})
+    res_src[:] = [(k, used.index(j) if k == "s" else j) for k, j in res_src]
     entry = _Entry(
         x64=x64,
         cpu=all(t.device.type == "cpu" for t in tensors),
@@ -697,6 +728,9 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
         or (bool(ct_spec) and jnp.issubdtype(ct_spec[0].dtype, jnp.complexfloating)),
         res_tree=res_tree[0] if res_tree else None,
         res_specs=list(res_specs),
+        res_src=tuple(res_src),
+        saved_used=tuple(used),
+        saved_specs=[all_saved[j] for j in used],
         ct_spec=ct_spec[0] if ct_spec else None,
     )
     _entries[key] = entry
@@ -763,14 +797,15 @@ class _JaxFunction(torch.autograd.Function):
                 "(`create_graph=True`): the bridge's backward is once differentiable. "
                 "Write the parametrization as a torch module for higher-order gradients."
             )
-        ctx.saved_tensors  # noqa: B018 - checks the version counters
+        saved = ctx.saved_tensors  # checks the version counters
         entry: _Entry = ctx.entry
         if not grad.is_contiguous():
             grad = grad.contiguous()
         ct = _import(grad)
         bwd = entry.backward()
+        inputs = [_import(saved[j]) for j in entry.saved_used]
         with _x64_ctx(entry.x64):
-            grads = bwd(ctx.residuals, ct)
+            grads = bwd(ctx.residuals, inputs, ct)
         needs = ctx.needs_input_grad
         result: list[torch.Tensor | None] = [None] * (len(needs) - 1)
         cpu = entry.cpu

@@ -395,3 +395,22 @@ def test_multi_device_arrays_are_refused():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == ["ok"], res.stdout
+
+
+def test_input_residuals_come_from_saved_tensors():
+    # weight norm's VJP keeps `v` (an input): the forward must not copy it out again.
+    from torch_compat import parametrizations as CPZ
+
+    m = CPZ.weight_norm(torch.nn.Linear(6, 5, dtype=torch.float64))
+    v = m.parametrizations.weight.original1
+    m.weight.sum().backward()
+    entries = [e for e in _bridge._entries.values() if e.res_tree is not None]
+    entry = next(e for e in entries if any(s.shape == (5, 6) for s in e.saved_specs))
+    assert all(s.shape != (5, 6) for s in entry.res_specs)
+    assert torch.autograd.gradcheck(
+        lambda g, v: _bridge.run_chain([m.parametrizations.weight[0]], [g, v]),
+        (
+            m.parametrizations.weight.original0.detach().requires_grad_(),
+            v.detach().requires_grad_(),
+        ),
+    )
