@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -158,8 +159,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--only-mlp", action="store_true", help="skip the per-access part")
     parser.add_argument("--no-mlp", action="store_true", help="skip the MLP part")
+    parser.add_argument(
+        "--jax-sync-cpu",
+        action="store_true",
+        help="set jax_cpu_enable_async_dispatch=False (each bridge call blocks on its "
+        "result anyway: the async hand-off to XLA's worker thread is pure overhead)",
+    )
     args = parser.parse_args()
+    if args.jax_sync_cpu:  # must precede the CPU client's creation
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     torch.set_num_threads(args.threads)
+    print(f"torch.get_num_threads() = {torch.get_num_threads()}, cpu count = {os.cpu_count()}")
     dtype = getattr(torch, args.dtype)
 
     results: dict = {
