@@ -1,10 +1,13 @@
 """jaxparam: PyTorch's parametrizations for JAX and Flax.
 
 The mechanism lives in :mod:`jaxparam.parametrize` (torch's names:
-``register_parametrization``, ``remove_parametrizations``, ``cached``, ...).
+``register_parametrization``, ``remove_parametrizations``, ``cached``, ...), the
+built-ins in :mod:`jaxparam.parametrizations`, their pure math in
+:mod:`jaxparam.functional`; linen and checkpoint conversion in
+:mod:`jaxparam.linen` and :mod:`jaxparam.interop` (imported on demand).
 """
 
-from jaxparam import parametrize
+from jaxparam import functional, parametrizations, parametrize
 from jaxparam._value import ParametrizedValue
 from jaxparam.parametrize import (
     ParametrizationList,
@@ -17,6 +20,8 @@ from jaxparam.parametrize import (
 )
 
 __all__ = [
+    "functional",
+    "parametrizations",
     "parametrize",
     "ParametrizedValue",
     "ParametrizationList",
