@@ -58,3 +58,57 @@ def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     return path
+
+
+# -- training steps shared by the benchmarks (mean squared error, one optimizer step) --
+
+
+def nnx_mse_steps(model: Any, tx: Any) -> tuple[Callable, Callable, Any]:
+    """``(jit_step, cached_step, optimizer)`` for ``model``: both steps take ``(x, y)``.
+
+    ``jit_step`` goes through ``nnx.jit`` on every call (flax's per-call graph
+    traversal included); ``cached_step`` is the same step under
+    ``nnx.cached_partial``, which traverses once.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    cached = nnx.cached_partial(step, model, optimizer)
+    return (lambda x, y: step(model, optimizer, x, y)), cached, optimizer
+
+
+def pytree_mse_step(forward: Callable, params: Any, state: Any, tx: Any) -> Callable:
+    """The hand-written floor: one ``jax.jit`` step over a params pytree.
+
+    ``forward(params, state, x) -> (out, new_state)``; the returned callable takes
+    ``(x, y)``, carries params, optimizer state and ``state`` from call to call,
+    and returns the loss.
+    """
+    import jax.numpy as jnp
+    import optax
+
+    @jax.jit
+    def step(params, opt_state, state, x, y):
+        def loss_fn(params):
+            out, new_state = forward(params, state, x)
+            return jnp.mean((out - y) ** 2), new_state
+
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, state, loss
+
+    box = {"p": params, "o": tx.init(params), "s": state}
+
+    def call(x, y):
+        box["p"], box["o"], box["s"], loss = step(box["p"], box["o"], box["s"], x, y)
+        return loss
+
+    return call

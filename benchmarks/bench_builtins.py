@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-from _timing import time_call, write_json
+from _timing import nnx_mse_steps, pytree_mse_step, time_call, write_json
 from flax import nnx
 from torch.nn.utils import parametrizations as TP
 
@@ -82,16 +82,7 @@ def torch_twin(model, kind: str):
 
 
 def nnx_steps(model):
-    optimizer = nnx.Optimizer(model, tx(), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer, x, y):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    cached = nnx.cached_partial(step, model, optimizer)
-    return (lambda x, y: step(model, optimizer, x, y)), cached
+    return nnx_mse_steps(model, tx())[:2]
 
 
 def floor_step(model, kind: str):
@@ -127,23 +118,7 @@ def floor_step(model, kind: str):
                 x = jax.nn.relu(x)
         return x, (new_state if state else state)
 
-    @jax.jit
-    def step(params, opt_state, state, x, y):
-        def loss_fn(params):
-            out, new_state = forward(params, state, x)
-            return jnp.mean((out - y) ** 2), new_state
-
-        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, state, loss
-
-    box = {"p": params, "o": opt.init(params), "s": state}
-
-    def call(x, y):
-        box["p"], box["o"], box["s"], loss = step(box["p"], box["o"], box["s"], x, y)
-        return loss
-
-    return call
+    return pytree_mse_step(forward, params, state, opt)
 
 
 def _map(x):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-from _timing import time_call, write_json
+from _timing import nnx_mse_steps, pytree_mse_step, time_call, write_json
 from flax import nnx
 from torch.nn.utils import parametrize as torch_parametrize
 
@@ -112,7 +112,7 @@ def floor_params(model, kind: str):
     return params, state
 
 
-def make_floor_step(kind: str, tx):
+def floor_forward(kind: str):
     def forward(params, state, x):
         new_state = []
         for i, p in enumerate(params):
@@ -126,17 +126,7 @@ def make_floor_step(kind: str, tx):
                 x = jax.nn.relu(x)
         return x, new_state
 
-    @jax.jit
-    def step(params, opt_state, state, x, y):
-        def loss_fn(params):
-            out, new_state = forward(params, state, x)
-            return jnp.mean((out - y) ** 2), new_state
-
-        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, new_state, loss
-
-    return step
+    return forward
 
 
 # ---------------------------------------------------------------------------
@@ -197,28 +187,8 @@ def run(kind: str, args) -> dict:
     params, state = floor_params(model, kind)
     tx = optax.adam(1e-4)
 
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    @nnx.jit
-    def nnx_step(model, optimizer, x, y):
-        def loss_fn(model):
-            return jnp.mean((model(x) - y) ** 2)
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    cached_step = nnx.cached_partial(nnx_step, model, optimizer)
-
-    floor_step = make_floor_step(kind, tx)
-    floor_state = {"params": params, "opt": tx.init(params), "state": state}
-
-    def floor_call():
-        p, o, s, loss = floor_step(
-            floor_state["params"], floor_state["opt"], floor_state["state"], x, y
-        )
-        floor_state.update(params=p, opt=o, state=s)
-        return loss
+    nnx_step, cached_step, _ = nnx_mse_steps(model, tx)
+    floor_call = pytree_mse_step(floor_forward(kind), params, state, tx)
 
     opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-4)
     xt = torch.from_numpy(np.array(x))
@@ -233,9 +203,9 @@ def run(kind: str, args) -> dict:
 
     r, n = args.repeat, args.number
     timings = {
-        "nnx_jit_step": time_call(lambda: nnx_step(model, optimizer, x, y), repeat=r, number=n),
+        "nnx_jit_step": time_call(lambda: nnx_step(x, y), repeat=r, number=n),
         "nnx_cached_partial_step": time_call(lambda: cached_step(x, y), repeat=r, number=n),
-        "floor_jax_jit_step": time_call(floor_call, repeat=r, number=n),
+        "floor_jax_jit_step": time_call(lambda: floor_call(x, y), repeat=r, number=n),
         "torch_eager_step": time_call(torch_call, repeat=r, number=n),
     }
 

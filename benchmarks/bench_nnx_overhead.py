@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 
 import jax
-from _timing import time_call, write_json
-from bench_builtins import mlp, nnx_steps, parametrize_nnx, tx
+from _timing import nnx_mse_steps, time_call, write_json
+from bench_builtins import mlp, parametrize_nnx, tx
 from flax import nnx
 
 
@@ -35,11 +35,10 @@ def main() -> None:
         model = mlp(args.width, 0)
         if kind != "plain":
             parametrize_nnx(model, kind)
-        optimizer = nnx.Optimizer(model, tx(), wrt=nnx.Param)
+        jit_step, cached_step, optimizer = nnx_mse_steps(model, tx())
         split = time_call(
             lambda m=model, o=optimizer: nnx.split((m, o)), repeat=args.repeat, number=args.number
         )
-        jit_step, cached_step = nnx_steps(model)
         jitted = time_call(lambda f=jit_step: f(x, x), repeat=args.repeat, number=args.number)
         cached = time_call(lambda f=cached_step: f(x, x), repeat=args.repeat, number=args.number)
         overhead = jitted["median_s"] - cached["median_s"]
