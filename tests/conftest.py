@@ -33,3 +33,39 @@ def _seed():
     except ImportError:  # pragma: no cover - torch is in the test extra
         pass
     yield
+
+
+def _mse_steps(model, tx, torch_module, torch_optimizer):
+    """One MSE training step of an NNX model and of its torch twin, side by side.
+
+    Returns ``step(x, y) -> (loss, torch_loss)`` taking numpy arrays; the NNX step
+    runs under ``nnx.jit`` with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
+    """
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def nnx_step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    def step(x, y):
+        loss = nnx_step(model, optimizer, jnp.asarray(x), jnp.asarray(y))
+        torch_optimizer.zero_grad()
+        tx_, ty_ = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(y))
+        torch_loss = ((torch_module(tx_) - ty_) ** 2).mean()
+        torch_loss.backward()
+        torch_optimizer.step()
+        return loss, torch_loss.detach()
+
+    return step
+
+
+@pytest.fixture
+def mse_steps():
+    """Factory of side-by-side NNX / torch training steps (see ``_mse_steps``)."""
+    return _mse_steps

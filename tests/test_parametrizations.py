@@ -233,7 +233,7 @@ def test_spectral_norm_gan_pattern_two_forwards_one_backward():
 
 
 @pytest.mark.parametrize("builtin", ["weight_norm", "spectral_norm"])
-def test_training_matches_torch(builtin):
+def test_training_matches_torch(builtin, mse_steps):
     torch.manual_seed(0)
     t1, f1, _ = linear_pair(6, 5)
     t2, f2, _ = linear_pair(5, 2)
@@ -257,21 +257,9 @@ def test_training_matches_torch(builtin):
     tnet = torch.nn.Sequential(t1, torch.nn.Tanh(), t2)
     x = np.random.randn(8, 6).astype(np.float32)
     y = np.random.randn(8, 2).astype(np.float32)
-    opt = nnx.Optimizer(net, optax.sgd(0.1), wrt=nnx.Param)
-    topt = torch.optim.SGD(tnet.parameters(), lr=0.1)
-
-    @nnx.jit
-    def step(net, opt, x, y):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(net)
-        opt.update(net, grads)
-        return loss
-
+    step = mse_steps(net, optax.sgd(0.1), tnet, torch.optim.SGD(tnet.parameters(), lr=0.1))
     for _ in range(4):
-        loss = step(net, opt, jnp.asarray(x), jnp.asarray(y))
-        topt.zero_grad()
-        tloss = ((tnet(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean()
-        tloss.backward()
-        topt.step()
+        loss, tloss = step(x, y)
         np.testing.assert_allclose(float(loss), tloss.detach().item(), rtol=1e-5, atol=1e-6)
     for t, f in ((t1, f1), (t2, f2)):
         np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-5)
@@ -301,7 +289,7 @@ def orthogonal_pair(din, dout, m, triv):
 
 
 @pytest.mark.parametrize(("din", "dout", "m", "triv"), ORTH_CASES)
-def test_orthogonal_matches_torch_and_trains_alike(din, dout, m, triv):
+def test_orthogonal_matches_torch_and_trains_alike(din, dout, m, triv, mse_steps):
     t, f = orthogonal_pair(din, dout, m, triv)
     np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-6)
     np.testing.assert_allclose(
@@ -311,20 +299,9 @@ def test_orthogonal_matches_torch_and_trains_alike(din, dout, m, triv):
     )
     x = np.random.randn(4, din).astype(np.float32)
     y = np.random.randn(4, dout).astype(np.float32)
-    opt = nnx.Optimizer(f, optax.sgd(0.1), wrt=nnx.Param)
-    topt = torch.optim.SGD(t.parameters(), lr=0.1)
-
-    @nnx.jit
-    def step(f, opt, x, y):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(f)
-        opt.update(f, grads)
-        return loss
-
+    step = mse_steps(f, optax.sgd(0.1), t, torch.optim.SGD(t.parameters(), lr=0.1))
     for _ in range(3):
-        step(f, opt, jnp.asarray(x), jnp.asarray(y))
-        topt.zero_grad()
-        ((t(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean().backward()
-        topt.step()
+        step(x, y)
     np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-5)
 
 
