@@ -106,6 +106,22 @@ def test_orthogonal_complex(shape, orthogonal_map, dtype, x64):
     _run(shape, orthogonal_map, dtype, use_trivialization=shape[-2:] == (3, 4))
 
 
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((2, 150, 150), "float32"),
+        ((141, 67), "float64"),
+        ((130, 130), "complex64"),
+        ((100, 197), "float32"),
+    ],
+)
+def test_cayley_blocked_inverse(shape, dtype, x64):
+    # Sizes where the inverse is blocked (n > 128): odd splits, tall and wide, batched.
+    # (With a random non-orthogonal base, float32 gradients at n ~ 100 are too large
+    # for an absolute 1e-5: the trivialization is checked in float64.)
+    _run(shape, "cayley", dtype, use_trivialization=dtype == "float64")
+
+
 def test_matrix_exp_large_norm(x64):
     # Several squarings: compare with torch in float64 (tight) and float32 (relative).
     rng = np.random.default_rng(1)
