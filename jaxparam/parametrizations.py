@@ -339,7 +339,10 @@ class Orthogonal(nnx.Module):
         self.shape = tuple(weight.shape)
         self.orthogonal_map = orthogonal_map
         self.use_trivialization = use_trivialization
-        self.rngs = rngs
+        # Only a non-square weight is ever completed with random columns; a square
+        # one keeps no random state (fewer Variables for nnx.jit to carry).
+        square = weight.shape[-2] == weight.shape[-1]
+        self.rngs = rngs if use_trivialization and not square else None
         if use_trivialization:
             n = max(weight.shape[-2:])
             self.base = OrthogonalBase(jnp.zeros((*weight.shape[:-2], n, n), weight.dtype))
@@ -368,7 +371,7 @@ class Orthogonal(nnx.Module):
             jax.lax.stop_gradient(_mT(Q)),
             orthogonal_map=self.orthogonal_map,
             use_trivialization=self.use_trivialization,
-            key=self.rngs.params() if self.use_trivialization else None,
+            key=self.rngs.params() if self.rngs is not None else None,
         )
         if self.use_trivialization:
             self.base[...] = base
@@ -402,6 +405,8 @@ def orthogonal(
       use_trivialization: use the dynamic trivialization (torch's default).
       rngs: randomness for completing non-square matrices in ``right_inverse``
         (torch uses its global generator): an ``nnx.Rngs``, a key, or an int seed.
+        Kept by the link (as ``rngs``) only for a non-square weight with the
+        trivialization, the one case that draws.
 
     Returns:
       The module.
