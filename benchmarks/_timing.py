@@ -40,6 +40,40 @@ def time_call(fn: Callable[[], Any], *, repeat: int, number: int) -> dict[str, f
     return {"first_call_s": first, "median_s": statistics.median(rounds), "min_s": min(rounds)}
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], *, repeat: int, number: int
+) -> dict[str, dict[str, float]]:
+    """`time_call` for several variants, their rounds interleaved.
+
+    Round ``r`` of every variant runs before round ``r + 1`` of any, so a change in
+    the machine's load (this machine is shared) hits all variants alike. Each entry
+    also has ``rounds_s``, so callers can take ratios round by round.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        block(fn())
+        out[name] = {"first_call_s": time.perf_counter() - start, "rounds_s": []}
+        block(fn())
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(number):
+                res = fn()
+            block(res)
+            out[name]["rounds_s"].append((time.perf_counter() - start) / number)
+    for entry in out.values():
+        entry["median_s"] = statistics.median(entry["rounds_s"])
+        entry["min_s"] = min(entry["rounds_s"])
+    return out
+
+
+def round_ratio(timings: dict[str, dict[str, Any]], num: str, den: str) -> float:
+    """Median over rounds of ``num``'s time / ``den``'s time in the same round."""
+    pairs = zip(timings[num]["rounds_s"], timings[den]["rounds_s"], strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
 def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -> str:
     """Write ``payload`` with machine information to ``benchmarks/results/<name>.json``."""
     out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results")

@@ -13,7 +13,8 @@ training step (forward, backward, optax/torch SGD-momentum update):
 - ``equinox``: ``eqx.nn.WeightNorm`` / ``eqx.nn.SpectralNorm`` under
   ``eqx.filter_jit`` (skipped when equinox is not installed).
 
-Ratios against torch eager are printed and written to
+The variants' timing rounds are interleaved and every ratio is the median of
+per-round ratios. Ratios are printed and written to
 ``benchmarks/results/bench_builtins.json``.
 
 Usage: ``python benchmarks/bench_builtins.py [--kinds weight_norm,spectral_norm,orthogonal]``
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-from _timing import nnx_mse_steps, pytree_mse_step, time_call, write_json
+from _timing import nnx_mse_steps, pytree_mse_step, round_ratio, time_interleaved, write_json
 from flax import nnx
 from torch.nn.utils import parametrizations as TP
 
@@ -234,16 +235,10 @@ def run(kind: str, width: int, args) -> dict:
     if eqx_step is not None:
         steps["equinox_filter_jit"] = lambda: eqx_step(x, y)
 
-    timings = {
-        name: time_call(fn, repeat=args.repeat, number=args.number) for name, fn in steps.items()
-    }
-    t_torch = timings["torch_eager"]["median_s"]
-    ratios = {f"{name} / torch_eager": tm["median_s"] / t_torch for name, tm in timings.items()}
-    t_floor = timings["floor_jax_jit"]["median_s"]
-    ratios["jaxparam_nnx_jit / floor"] = timings["jaxparam_nnx_jit"]["median_s"] / t_floor
-    ratios["jaxparam_cached_partial / floor"] = (
-        timings["jaxparam_cached_partial"]["median_s"] / t_floor
-    )
+    timings = time_interleaved(steps, repeat=args.repeat, number=args.number)
+    ratios = {f"{name} / torch_eager": round_ratio(timings, name, "torch_eager") for name in steps}
+    for name in ("jaxparam_nnx_jit", "jaxparam_cached_partial"):
+        ratios[f"{name} / floor"] = round_ratio(timings, name, "floor_jax_jit")
     return {"width": width, "timings": timings, "ratios": ratios}
 
 
