@@ -4,8 +4,9 @@ A 3-layer MLP (``--width`` 512 for the norms, ``--orth-width`` 256 for
 orthogonal; ``--batch`` 64; float32), every kernel parametrized, one full
 training step (forward, backward, optax/torch SGD-momentum update):
 
-- ``jaxparam``: ``jaxparam.parametrizations.<builtin>`` under ``nnx.jit`` and
-  under ``nnx.cached_partial``;
+- ``jaxparam``: ``jaxparam.parametrizations.<builtin>`` under ``nnx.jit``, under
+  ``nnx.cached_partial``, and in flax's functional style (``nnx.split`` once, the
+  model merged inside one ``jax.jit``: no per-call graph traversal);
 - ``floor``: the same math written by hand over a params pytree with the
   functional core, one ``jax.jit`` (what the built-ins should cost);
 - ``torch``: torch eager with ``torch.nn.utils.parametrizations.<builtin>``;
@@ -29,7 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-from _timing import nnx_mse_steps, pytree_mse_step, round_ratio, time_interleaved, write_json
+from _timing import (
+    nnx_functional_mse_step,
+    nnx_mse_steps,
+    pytree_mse_step,
+    round_ratio,
+    time_interleaved,
+    write_json,
+)
 from flax import nnx
 from torch.nn.utils import parametrizations as TP
 
@@ -98,7 +106,9 @@ def floor_step(model, kind: str):
             params.append({"w": plist.original[...], "b": b})
             state.append(F.SpectralNormState(plist[0]._u[...], plist[0]._v[...]))
         else:
-            params.append({"x": plist.original[...], "base": plist[0].base[...], "b": b})
+            # base is a buffer (not trained), stored in torch's frame as the link does.
+            params.append({"x": plist.original[...], "b": b})
+            state.append(plist[0].base[...])
     opt = tx()
 
     def kernel(p, s):
@@ -106,7 +116,7 @@ def floor_step(model, kind: str):
             return F.weight_norm(p["g"], p["v"], 1), s
         if kind == "spectral_norm":
             return F.spectral_norm(p["w"], s, dim=1, training=True)
-        q = F.orthogonal(p["x"].T, p["base"].T, orthogonal_map=_map(p["x"]))
+        q = F.orthogonal(p["x"].T, s, orthogonal_map=_map(p["x"]))
         return q.T, s
 
     def forward(params, state, x):
@@ -225,6 +235,7 @@ def run(kind: str, width: int, args) -> dict:
     steps = {
         "jaxparam_nnx_jit": lambda: jit_step(x, y),
         "jaxparam_cached_partial": lambda: cached_step(x, y),
+        "jaxparam_functional": (lambda f: lambda: f(x, y))(nnx_functional_mse_step(model, tx())),
         "floor_jax_jit": (lambda f: lambda: f(x, y))(floor_step(model, kind)),
         "torch_eager": (lambda f: lambda: f(xt, yt))(torch_step(model_t)),
     }
@@ -237,7 +248,7 @@ def run(kind: str, width: int, args) -> dict:
 
     timings = time_interleaved(steps, repeat=args.repeat, number=args.number)
     ratios = {f"{name} / torch_eager": round_ratio(timings, name, "torch_eager") for name in steps}
-    for name in ("jaxparam_nnx_jit", "jaxparam_cached_partial"):
+    for name in ("jaxparam_nnx_jit", "jaxparam_cached_partial", "jaxparam_functional"):
         ratios[f"{name} / floor"] = round_ratio(timings, name, "floor_jax_jit")
     return {"width": width, "timings": timings, "ratios": ratios}
 
