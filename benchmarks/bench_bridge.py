@@ -165,7 +165,22 @@ def main() -> None:
         help="set jax_cpu_enable_async_dispatch=False (each bridge call blocks on its "
         "result anyway: the async hand-off to XLA's worker thread is pure overhead)",
     )
+    parser.add_argument(
+        "--malloc-top-pad",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="glibc mallopt(M_TOP_PAD, BYTES) at start (what MALLOC_TOP_PAD_ does): XLA "
+        "allocates its outputs in its worker threads' malloc arenas, which glibc trims "
+        "back to the OS on every free, so each step page-faults its buffers again",
+    )
     args = parser.parse_args()
+    if args.malloc_top_pad:
+        import ctypes
+
+        m_top_pad = -2  # <malloc.h>
+        if not ctypes.CDLL("libc.so.6").mallopt(m_top_pad, args.malloc_top_pad):
+            raise SystemExit("mallopt(M_TOP_PAD) failed")
     if args.jax_sync_cpu:  # must precede the CPU client's creation
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     torch.set_num_threads(args.threads)
