@@ -15,6 +15,12 @@ In plain words:
     the residual arrays);
   - backward runs one compiled VJP on those residuals.
 
+  A small chain on CPU tensors (XLA's cost analysis: at most 16 MFLOP and
+  32 MB) runs on ``_InlineCPU``, a private XLA client that executes on the
+  calling thread with one thread; JAX's own client (asynchronous, multi-threaded)
+  would spend more on thread hand-offs than on the arithmetic. Larger chains,
+  and every GPU chain, run on JAX's client.
+
   The inputs (and the output) are saved with ``ctx.save_for_backward`` so that
   torch's version counter catches an in-place edit between forward and backward.
   A residual that is one of those saved tensors (weight norm keeps ``v``,
@@ -55,6 +61,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -76,6 +83,13 @@ try:  # The fast path: skip jax.dlpack.from_dlpack's Python overhead (~30 us).
 except (ImportError, AttributeError):  # pragma: no cover - other jaxlib versions
     _dlpack_to_buffer = _buffer_to_dlpack = None
     _JaxRuntimeError = RuntimeError
+
+try:  # A private CPU client for small computations (see `_InlineCPU`).
+    from jax._src.lib import xla_client as _xla_client
+
+    _DeviceList = _jaxlib.DeviceList
+except (ImportError, AttributeError, NameError):  # pragma: no cover - other jaxlib versions
+    _xla_client = _DeviceList = None
 
 __all__ = [
     "JaxParametrization",
@@ -163,11 +177,14 @@ def _check_dtype(dtype: torch.dtype) -> None:
         )
 
 
-def _import(t: torch.Tensor) -> jax.Array:
-    """Views a contiguous, supported, detached-or-not tensor as a jax.Array."""
+def _import(t: torch.Tensor, jdev: jax.Device | None = None) -> jax.Array:
+    """Views a contiguous, supported, detached-or-not tensor as a jax.Array.
+
+    ``jdev``: the CPU device to view it on (the inline client's); default: JAX's.
+    """
     device = t.device
     if device.type == "cpu" and _dlpack_to_buffer is not None:
-        jdev = _device_cache.get(device) or _jax_device(device)
+        jdev = jdev or _device_cache.get(device) or _jax_device(device)
         capsule = torch.utils.dlpack.to_dlpack(t.detach())
         try:
             return _dlpack_to_buffer(capsule, jdev, None, False, _DL_CPU)
@@ -547,6 +564,108 @@ def _nnx_apply(graphdef, p_tree, b_tree, method: str):
 
 
 # --------------------------------------------------------------------------- #
+# Small CPU computations: a private, synchronous, single-threaded XLA client
+# --------------------------------------------------------------------------- #
+
+#: A chain whose compiled forward costs at most this (XLA's cost analysis) runs
+#: on the inline client; a larger one (matrix products of n >= 128, big weights)
+#: keeps JAX's multi-threaded client.
+_INLINE_MAX_FLOPS = 16e6
+_INLINE_MAX_BYTES = 32e6
+
+
+class _InlineCPU:
+    """A private XLA CPU client that runs small computations on the calling thread.
+
+    JAX's own CPU client hands every call to a worker thread (asynchronous
+    dispatch) and splits each large-enough loop over its thread pool. For the
+    bridge's small calls (a weight norm of a 512x512 weight: two passes over 1 MB)
+    those thread hand-offs cost more than the arithmetic: 210 us per call against
+    about 100 us here, where the call runs synchronously with one thread. The
+    client is created once, with the process's JAX configuration untouched: it is
+    ``xla_client.make_cpu_client(asynchronous=False)`` made from a helper thread
+    pinned to one CPU, so that its thread pool (sized from the CPUs it may use)
+    has one thread and XLA compiles for one. Set ``TORCH_COMPAT_INLINE_CPU=0`` in
+    the environment to run everything on JAX's client.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = False
+        self.client: Any = None
+        self.device: Any = None
+
+    def get(self) -> Any:
+        """The client's device, or ``None`` when there is no inline client."""
+        if not self._started:
+            with self._lock:
+                if not self._started:
+                    self._start()
+                    self._started = True
+        return self.device
+
+    def _start(self) -> None:
+        if (
+            os.environ.get("TORCH_COMPAT_INLINE_CPU", "1") == "0"
+            or _xla_client is None
+            or not hasattr(os, "sched_setaffinity")
+        ):
+            return
+        cpu = min(os.sched_getaffinity(0))
+        made: dict[str, Any] = {}
+
+        def make() -> None:
+            try:
+                os.sched_setaffinity(0, {cpu})  # this helper thread only
+                made["client"] = _xla_client.make_cpu_client(asynchronous=False)
+            except Exception:  # pragma: no cover - then JAX's client serves
+                pass
+
+        thread = threading.Thread(target=make, name="torch_compat-inline-cpu")
+        thread.start()
+        thread.join()
+        if "client" in made:
+            self.client, self.device = made["client"], made["client"].devices()[0]
+
+    def compile(self, lowered: Any) -> Callable[..., Any] | None:
+        """``lowered`` compiled for this client, called like a ``jax.stages.Compiled``.
+
+        ``None`` if it cannot be (then the caller keeps JAX's client).
+        """
+        try:
+            exe = self.client.compile_and_load(
+                lowered.as_text(), _DeviceList((self.device,)), _xla_client.CompileOptions()
+            )
+        except Exception:  # pragma: no cover - an op this path cannot take
+            return None
+        out_tree, n_in = lowered.out_tree, lowered.in_tree.num_leaves
+        if len(exe.get_parameter_layouts()) != n_in:  # pragma: no cover - hoisted constants
+            return None
+
+        def call(*args: Any) -> Any:
+            outs = exe.execute_sharded(jax.tree.leaves(args))
+            flat = [a[0] for a in outs.disassemble_into_single_device_arrays()]
+            return jax.tree.unflatten(out_tree, flat)
+
+        return call
+
+
+_INLINE = _InlineCPU()
+
+
+def _is_cheap(compiled: Any) -> bool:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # pragma: no cover - no cost model: stay on JAX's client
+        return False
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = cost.get("flops", float("inf"))
+    size = cost.get("bytes accessed", float("inf"))
+    return 0 <= flops <= _INLINE_MAX_FLOPS and 0 <= size <= _INLINE_MAX_BYTES
+
+
+# --------------------------------------------------------------------------- #
 # Fused, compiled chains
 # --------------------------------------------------------------------------- #
 
@@ -569,33 +688,39 @@ class _Entry:
         "saved_specs",
         "ct_spec",
         "bwd",
+        "jdev",
     )
 
     def __init__(self, **kw):
         for k in self.__slots__:
             setattr(self, k, kw.get(k))
 
+    def lower_backward(self) -> Any:
+        """The VJP ``(residual leaves, saved inputs, cotangent) -> grads``, lowered."""
+        res_tree, conj, src = self.res_tree, self.conj, self.res_src
+
+        def bwd(computed, saved, ct):
+            # Residuals that are inputs (or the output) come from torch's saved
+            # tensors instead of being written out again by the forward.
+            leaves = [computed[j] if k == "r" else saved[j] for k, j in src]
+            vjp_fn = jax.tree_util.tree_unflatten(res_tree, leaves)
+            if conj:  # torch's complex gradient convention is the conjugate of JAX's
+                return [jnp.conj(g) for g in vjp_fn(jnp.conj(ct))]
+            return list(vjp_fn(ct))
+
+        with _x64_ctx(self.x64):
+            return (
+                jax.jit(bwd, keep_unused=True)
+                .trace(self.res_specs, self.saved_specs, self.ct_spec)
+                .lower()
+            )
+
     def backward(self) -> Any:
-        """The compiled VJP ``(residual leaves, cotangent) -> grads`` (built once)."""
+        """The compiled VJP (built once, on JAX's client unless built inline)."""
         if self.bwd is None:
-            res_tree, conj, src = self.res_tree, self.conj, self.res_src
-
-            def bwd(computed, saved, ct):
-                # Residuals that are inputs (or the output) come from torch's saved
-                # tensors instead of being written out again by the forward.
-                leaves = [computed[j] if k == "r" else saved[j] for k, j in src]
-                vjp_fn = jax.tree_util.tree_unflatten(res_tree, leaves)
-                if conj:  # torch's complex gradient convention is the conjugate of JAX's
-                    return [jnp.conj(g) for g in vjp_fn(jnp.conj(ct))]
-                return list(vjp_fn(ct))
-
+            lowered = self.lower_backward()
             with _x64_ctx(self.x64):
-                self.bwd = (
-                    jax.jit(bwd)
-                    .trace(self.res_specs, self.saved_specs, self.ct_spec)
-                    .lower()
-                    .compile()
-                )
+                self.bwd = lowered.compile()
         return self.bwd
 
 
@@ -711,7 +836,8 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
 
     specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
     with _x64_ctx(x64):
-        compiled = jax.jit(fwd).trace(*specs).lower().compile()
+        lowered = jax.jit(fwd, keep_unused=True).trace(*specs).lower()
+        compiled = lowered.compile()
     _check_compiled(compiled, _chain_name(links))
     # The saved tensors (diff inputs, then y) the backward reads, in order.
     all_saved = [specs[i] for i in diff_pos] + ct_spec
@@ -733,6 +859,13 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
         saved_specs=[all_saved[j] for j in used],
         ct_spec=ct_spec[0] if ct_spec else None,
     )
+    if entry.cpu and _is_cheap(compiled) and _INLINE.get() is not None:
+        # Forward and backward both inline, or neither: the residuals live on the
+        # client that made them.
+        fwd_inline = _INLINE.compile(lowered)
+        bwd_inline = _INLINE.compile(entry.lower_backward()) if grad else None
+        if fwd_inline is not None and (bwd_inline is not None or not grad):
+            entry.compiled, entry.bwd, entry.jdev = fwd_inline, bwd_inline, _INLINE.device
     _entries[key] = entry
     return entry
 
@@ -758,7 +891,7 @@ def _jax_dtype(dtype: torch.dtype):
 
 
 def _run(entry: _Entry, tensors: Sequence[torch.Tensor]):
-    arrays = [_import(t) for t in tensors]
+    arrays = [_import(t, entry.jdev) for t in tensors]
     with _x64_ctx(entry.x64):
         out = entry.compiled(*arrays)
     cpu = entry.cpu
@@ -801,9 +934,9 @@ class _JaxFunction(torch.autograd.Function):
         entry: _Entry = ctx.entry
         if not grad.is_contiguous():
             grad = grad.contiguous()
-        ct = _import(grad)
+        ct = _import(grad, entry.jdev)
         bwd = entry.backward()
-        inputs = [_import(saved[j]) for j in entry.saved_used]
+        inputs = [_import(saved[j], entry.jdev) for j in entry.saved_used]
         with _x64_ctx(entry.x64):
             grads = bwd(ctx.residuals, inputs, ct)
         needs = ctx.needs_input_grad

@@ -414,3 +414,95 @@ def test_input_residuals_come_from_saved_tensors():
             v.detach().requires_grad_(),
         ),
     )
+
+
+# --- small CPU computations run on the inline client ------------------------------------
+
+
+def _entry_for(shape):
+    return next(
+        e
+        for e in reversed(list(_bridge._entries.values()))
+        if e.ct_spec is not None and e.ct_spec.shape == shape
+    )
+
+
+def _needs_inline():
+    if _bridge._INLINE.get() is None:
+        pytest.skip("no inline CPU client on this platform")
+
+
+def test_small_cpu_chain_runs_inline_with_full_autograd():
+    _needs_inline()
+
+    def softsign_t(w):  # a fresh function: a fresh compiled entry
+        return (w / (1 + jnp.abs(w))).T
+
+    m = P.register_parametrization(nn.Linear(5, 5).double(), "weight", softsign_t)
+    m.weight.sum().backward()
+    assert _entry_for((5, 5)).jdev is _bridge._INLINE.device
+    x = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    link = m.parametrizations.weight[0]
+    assert torch.autograd.gradcheck(lambda x: _bridge.run_chain([link], [x]), (x,))
+
+
+def test_inline_and_jax_client_give_the_same_numbers(monkeypatch):
+    _needs_inline()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    ct = torch.randn(6, 7, dtype=torch.float64)
+    results = []
+    for max_flops in (-1.0, _bridge._INLINE_MAX_FLOPS):  # JAX's client, then inline
+        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", max_flops)
+        fn = _bridge.JaxParametrization(lambda w: jnp.tanh(w).T @ w @ w.T)  # a fresh entry
+        leaf = x.clone().requires_grad_(True)
+        y = fn(leaf)
+        y.backward(ct)
+        results.append((y.detach(), leaf.grad))
+        assert (_entry_for((6, 7)).jdev is None) == (max_flops < 0)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-13, atol=1e-13)
+
+
+def test_large_cpu_chain_keeps_jax_client():
+    # Matrix products of n >= 256 keep JAX's multi-threaded client.
+    m = P.register_parametrization(nn.Linear(256, 256), "weight", lambda w: w @ w.T @ w)
+    m.weight.sum().backward()
+    assert _entry_for((256, 256)).jdev is None
+
+
+def test_inline_client_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("TORCH_COMPAT_INLINE_CPU", "0")
+    assert _bridge._InlineCPU().get() is None
+
+
+def test_inline_client_leaves_jax_and_the_caller_alone():
+    import os
+
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
+    devices = jax.devices()
+    client = _bridge._InlineCPU()
+    client.get()
+    assert jax.devices() == devices
+    assert jax.config.read("jax_cpu_enable_async_dispatch") == async_dispatch
+    if affinity is not None:
+        assert os.sched_getaffinity(0) == affinity
+    assert jnp.ones(2).device == devices[0]
+
+
+def test_inline_chain_from_several_threads():
+    _needs_inline()
+    link = _bridge.JaxParametrization(lambda w: jnp.sin(w) * 2)
+    xs = [torch.randn(16, 16) for _ in range(4)]
+    out = [None] * 4
+
+    def work(i):
+        for _ in range(20):
+            out[i] = link(xs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, y in zip(xs, out, strict=True):
+        torch.testing.assert_close(y, torch.sin(x) * 2)
