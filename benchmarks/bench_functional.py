@@ -38,17 +38,21 @@ MAPS = ("matrix_exp", "cayley", "householder")
 
 
 def _time_pair(jax_fn, torch_fn, warmup: int, repeats: int) -> dict[str, float]:
-    """Steady-state times in ms, one framework after the other.
+    """Steady-state times in ms, the two frameworks alternating call by call.
 
-    Not interleaved call by call: torch's OpenMP threads and XLA's thread pool
-    spin-wait after each call and would slow the other down. ``*_ms`` is the best of
-    ``repeats`` (robust to other processes on the machine), ``*_median_ms`` the median.
+    Each timed call is preceded by an untimed call of the same framework: torch's
+    OpenMP threads and XLA's thread pool spin-wait after a call and would slow the
+    other's first call down. Alternating keeps a change in the machine's load (it is
+    shared) from favouring one side. ``*_ms`` is the best of ``repeats`` (robust to
+    other processes on the machine), ``*_median_ms`` the median.
     """
     times = {"jax": [], "torch": []}
-    for name, fn in (("jax", jax_fn), ("torch", torch_fn)):
+    for fn in (jax_fn, torch_fn):
         for _ in range(warmup):
             fn()
-        for _ in range(repeats):
+    for _ in range(repeats):
+        for name, fn in (("jax", jax_fn), ("torch", torch_fn)):
+            fn()
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
