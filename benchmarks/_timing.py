@@ -142,13 +142,7 @@ def nnx_functional_mse_step(model: Any, tx: Any) -> Callable:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, rest, loss
 
-    box = {"p": params, "o": tx.init(params), "r": rest}
-
-    def call(x, y):
-        box["p"], box["o"], box["r"], loss = step(box["p"], box["o"], box["r"], x, y)
-        return loss
-
-    return call
+    return _carried(step, params, tx.init(params), rest)
 
 
 def pytree_mse_step(forward: Callable, params: Any, state: Any, tx: Any) -> Callable:
@@ -171,10 +165,15 @@ def pytree_mse_step(forward: Callable, params: Any, state: Any, tx: Any) -> Call
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, state, loss
 
-    box = {"p": params, "o": tx.init(params), "s": state}
+    return _carried(step, params, tx.init(params), state)
+
+
+def _carried(step: Callable, params: Any, opt_state: Any, state: Any) -> Callable:
+    """``(x, y) -> loss`` that carries ``step``'s params, optimizer state and state."""
+    box = [params, opt_state, state]
 
     def call(x, y):
-        box["p"], box["o"], box["s"], loss = step(box["p"], box["o"], box["s"], x, y)
+        *box[:], loss = step(*box, x, y)  # the new (params, opt_state, state), then the loss
         return loss
 
     return call

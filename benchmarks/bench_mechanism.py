@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-from _timing import nnx_mse_steps, pytree_mse_step, time_call, write_json
+from _timing import nnx_mse_steps, pytree_mse_step, round_ratio, time_interleaved, write_json
 from flax import nnx
 from torch.nn.utils import parametrize as torch_parametrize
 
@@ -202,12 +202,13 @@ def run(kind: str, args) -> dict:
         return loss.detach()
 
     r, n = args.repeat, args.number
-    timings = {
-        "nnx_jit_step": time_call(lambda: nnx_step(x, y), repeat=r, number=n),
-        "nnx_cached_partial_step": time_call(lambda: cached_step(x, y), repeat=r, number=n),
-        "floor_jax_jit_step": time_call(lambda: floor_call(x, y), repeat=r, number=n),
-        "torch_eager_step": time_call(torch_call, repeat=r, number=n),
+    steps = {
+        "nnx_jit_step": lambda: nnx_step(x, y),
+        "nnx_cached_partial_step": lambda: cached_step(x, y),
+        "floor_jax_jit_step": lambda: floor_call(x, y),
+        "torch_eager_step": torch_call,
     }
+    timings = time_interleaved(steps, repeat=r, number=n)
 
     # eager access of one parametrized kernel vs the chain as a plain jitted function
     layer = model.layers[0]
@@ -220,17 +221,21 @@ def run(kind: str, args) -> dict:
         chain = jax.jit(lambda w, u: sn(w, u, training=True))
         w, u = plist.original[...], plist[0].u[...]
         direct = lambda: chain(w, u)  # noqa: E731
-    timings["eager_access"] = time_call(lambda: layer.kernel[...], repeat=r, number=n * 5)
-    timings["direct_jitted_chain"] = time_call(direct, repeat=r, number=n * 5)
+    reads = {"eager_access": lambda: layer.kernel[...], "direct_jitted_chain": direct}
+    timings.update(time_interleaved(reads, repeat=r, number=n * 5))
 
-    t = {k: v["median_s"] for k, v in timings.items()}
     ratios = {
-        "nnx_jit / floor": t["nnx_jit_step"] / t["floor_jax_jit_step"],
-        "nnx_cached_partial / floor": t["nnx_cached_partial_step"] / t["floor_jax_jit_step"],
-        "nnx_jit / torch_eager": t["nnx_jit_step"] / t["torch_eager_step"],
-        "nnx_cached_partial / torch_eager": t["nnx_cached_partial_step"] / t["torch_eager_step"],
-        "eager_access / direct_jitted_chain": t["eager_access"] / t["direct_jitted_chain"],
+        f"{a} / {b}": round_ratio(timings, f"{a}_step", f"{b}_step")
+        for a, b in (
+            ("nnx_jit", "floor_jax_jit"),
+            ("nnx_cached_partial", "floor_jax_jit"),
+            ("nnx_jit", "torch_eager"),
+            ("nnx_cached_partial", "torch_eager"),
+        )
     }
+    ratios["eager_access / direct_jitted_chain"] = round_ratio(
+        timings, "eager_access", "direct_jitted_chain"
+    )
     return {"timings": timings, "ratios": ratios}
 
 
