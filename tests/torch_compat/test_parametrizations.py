@@ -85,6 +85,27 @@ CASES += [("conv2d", "orthogonal_householder_notriv"), ("convT2d", "weight_norm_
 
 @pytest.mark.parametrize("layer, builtin", CASES)
 def test_values_grads_and_state_match_torch(layer, builtin):
+    _check_values_grads_state(layer, builtin)
+
+
+@pytest.mark.parametrize("client", ["inline", "jax"])
+@pytest.mark.parametrize(
+    "builtin", ["weight_norm", "spectral_norm", "orthogonal", "orthogonal_cayley"]
+)
+def test_both_bridge_clients_match_torch(builtin, client, monkeypatch):
+    # Small chains run on the bridge's inline client, large ones on JAX's: both
+    # must give torch's numbers.
+    if client == "inline" and _bridge._INLINE.get() is None:
+        pytest.skip("no inline CPU client on this platform")
+    monkeypatch.setattr(_bridge, "_entries", {})  # compile afresh, on the chosen client
+    if client == "jax":
+        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", -1.0)
+    _check_values_grads_state("conv2d", builtin)
+    assert _bridge._entries
+    assert all((e.jdev is None) == (client == "jax") for e in _bridge._entries.values())
+
+
+def _check_values_grads_state(layer, builtin):
     dtype = torch.float32
     a, b = _pair(layer, builtin, dtype)
     assert type(a).__name__ == type(b).__name__
