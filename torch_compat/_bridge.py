@@ -638,8 +638,21 @@ class _InlineCPU:
     def compile(self, lowered: Any) -> Callable[..., Any] | None:
         """``lowered`` compiled for this client, called like a ``jax.stages.Compiled``.
 
-        ``None`` if it cannot be (then the caller keeps JAX's client).
+        ``None`` if it cannot be (then the caller keeps JAX's client): a
+        computation with host callbacks (``jax.debug.print``, ``pure_callback``)
+        or other effects, or one for several devices, stays on JAX's client,
+        which holds the callbacks and the mesh.
         """
+        args = getattr(getattr(lowered, "_lowering", None), "compile_args", None)
+        if (
+            not isinstance(args, dict)
+            or args.get("host_callbacks")
+            or args.get("keepalive")
+            or args.get("ordered_effects")
+            or args.get("unordered_effects")
+            or args.get("num_devices") != 1
+        ):
+            return None
         try:
             exe = self.client.compile_and_load(
                 lowered.as_text(), _DeviceList((self.device,)), _xla_client.CompileOptions()

@@ -506,3 +506,29 @@ def test_inline_chain_from_several_threads():
         t.join()
     for x, y in zip(xs, out, strict=True):
         torch.testing.assert_close(y, torch.sin(x) * 2)
+
+
+def test_host_callbacks_stay_on_jax_client(capfd):
+    # jax.debug.print / pure_callback need JAX's client (it holds the callbacks):
+    # such chains never run inline, however small.
+    import numpy as np
+
+    def printing(w):
+        jax.debug.print("sum={s}", s=w.sum())
+        return w * 2
+
+    def calling_back(w):
+        return jax.pure_callback(
+            lambda a: np.asarray(a) * 3, jax.ShapeDtypeStruct(w.shape, w.dtype), w
+        )
+
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y = _bridge.JaxParametrization(printing)(x.clone().requires_grad_(True))
+    torch.testing.assert_close(y, x * 2)
+    assert _entry_for((3, 4)).jdev is None
+    assert "sum=" in capfd.readouterr().out
+    with torch.no_grad():
+        z = _bridge.JaxParametrization(calling_back)(x)
+    torch.testing.assert_close(z, x * 3)
+    (entry,) = [e for k, e in _bridge._entries.items() if k[0] == (calling_back,)]
+    assert entry.jdev is None
