@@ -60,7 +60,9 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -674,16 +676,18 @@ class _InlineCPU:
 _INLINE = _InlineCPU()
 
 
-def _is_cheap(compiled: Any) -> bool:
+def _is_cheap(lowered: Any) -> bool:
+    """Whether ``lowered`` is small enough for the inline client (before compiling)."""
     try:
-        cost = compiled.cost_analysis()
+        cost = lowered.cost_analysis()
     except Exception:  # pragma: no cover - no cost model: stay on JAX's client
         return False
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    flops = cost.get("flops", float("inf"))
-    size = cost.get("bytes accessed", float("inf"))
-    return 0 <= flops <= _INLINE_MAX_FLOPS and 0 <= size <= _INLINE_MAX_BYTES
+    flops = cost.get("flops", float("inf")) if isinstance(cost, dict) else float("inf")
+    arrays = jax.tree.leaves((lowered.in_avals, lowered.out_info))
+    size = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)
+    return 0 <= flops <= _INLINE_MAX_FLOPS and size <= _INLINE_MAX_BYTES
 
 
 # --------------------------------------------------------------------------- #
@@ -858,8 +862,6 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
     with _x64_ctx(x64):
         lowered = jax.jit(fwd, keep_unused=True).trace(*specs).lower()
-        compiled = lowered.compile()
-    _check_compiled(compiled, _chain_name(links))
     # The saved tensors (diff inputs, then y) the backward reads, in order.
     all_saved = [specs[i] for i in diff_pos] + ct_spec
     used = sorted({j for k, j in res_src if k == "s"})
@@ -867,7 +869,6 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     entry = _Entry(
         x64=x64,
         cpu=all(t.device.type == "cpu" for t in tensors),
-        compiled=compiled,
         diff_pos=diff_pos,
         buf_pos=tuple(buf_pos),
         mutated=tuple(mutated),
@@ -880,13 +881,18 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
         saved_specs=[all_saved[j] for j in used],
         ct_spec=ct_spec[0] if ct_spec else None,
     )
-    if entry.cpu and _is_cheap(compiled) and _INLINE.get() is not None:
+    if entry.cpu and _INLINE.get() is not None and _is_cheap(lowered):
         # Forward and backward both inline, or neither: the residuals live on the
-        # client that made them.
+        # client that made them. (`_INLINE.compile` refuses anything for several
+        # devices, so `_check_compiled` has nothing to refuse there.)
         fwd_inline = _INLINE.compile(lowered)
         bwd_inline = _INLINE.compile(entry.lower_backward()) if grad else None
         if fwd_inline is not None and (bwd_inline is not None or not grad):
             entry.compiled, entry.bwd, entry.jdev = fwd_inline, bwd_inline, _INLINE.device
+    if entry.compiled is None:
+        with _x64_ctx(x64):
+            entry.compiled = lowered.compile()
+        _check_compiled(entry.compiled, _chain_name(links))
     _entries[key] = entry
     return entry
 
@@ -911,8 +917,20 @@ def _jax_dtype(dtype: torch.dtype):
     return _JAX_DTYPES[dtype]
 
 
+#: The imported inputs of the last calls, kept alive a little longer. JAX's
+#: client runs a call on a worker thread, which drops its references to the
+#: inputs after the outputs are ready. If that were the last reference to a
+#: torch tensor's memory, the worker would release it through torch's DLPack
+#: deleter, which takes the GIL; when the interpreter is already exiting, taking
+#: the GIL ends the thread, and the process aborted ("terminate called without
+#: an active exception"). Held here, the last reference goes away on a Python
+#: thread instead.
+_recent_inputs: collections.deque = collections.deque(maxlen=8)
+
+
 def _run(entry: _Entry, tensors: Sequence[torch.Tensor]):
     arrays = [_import(t, entry.jdev) for t in tensors]
+    _recent_inputs.append(arrays)
     with _x64_ctx(entry.x64):
         out = entry.compiled(*arrays)
     cpu = entry.cpu
@@ -958,6 +976,7 @@ class _JaxFunction(torch.autograd.Function):
         ct = _import(grad, entry.jdev)
         bwd = entry.backward()
         inputs = [_import(saved[j], entry.jdev) for j in entry.saved_used]
+        _recent_inputs.append((ct, inputs))
         with _x64_ctx(entry.x64):
             grads = bwd(ctx.residuals, inputs, ct)
         needs = ctx.needs_input_grad
@@ -1039,6 +1058,7 @@ def call_jax(fn: Callable[..., Any], *tensors: torch.Tensor, what: str, key: Any
         _call_entries[ck] = hit
     x64, compiled = hit
     arrays = [_import(t) for t in tensors]
+    _recent_inputs.append(arrays)
     with torch.no_grad(), _x64_ctx(x64):
         out = compiled(*arrays)
     ptrs = {t.data_ptr() for t in tensors}
