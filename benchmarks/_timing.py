@@ -142,7 +142,7 @@ def nnx_functional_mse_step(model: Any, tx: Any) -> Callable:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, rest, loss
 
-    return _carried(step, params, tx.init(params), rest)
+    return carry_step(step, params, tx.init(params), rest)
 
 
 def pytree_mse_step(forward: Callable, params: Any, state: Any, tx: Any) -> Callable:
@@ -165,10 +165,10 @@ def pytree_mse_step(forward: Callable, params: Any, state: Any, tx: Any) -> Call
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, state, loss
 
-    return _carried(step, params, tx.init(params), state)
+    return carry_step(step, params, tx.init(params), state)
 
 
-def _carried(step: Callable, params: Any, opt_state: Any, state: Any) -> Callable:
+def carry_step(step: Callable, params: Any, opt_state: Any, state: Any) -> Callable:
     """``(x, y) -> loss`` that carries ``step``'s params, optimizer state and state."""
     box = [params, opt_state, state]
 

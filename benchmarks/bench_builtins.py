@@ -31,6 +31,7 @@ import numpy as np
 import optax
 import torch
 from _timing import (
+    carry_step,
     nnx_functional_mse_step,
     nnx_mse_steps,
     pytree_mse_step,
@@ -214,13 +215,7 @@ def equinox_step(width: int, seed: int, kind: str):
         updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
         return eqx.apply_updates(model, updates), opt_state, state, loss
 
-    box = {"m": model, "o": opt_state, "s": state}
-
-    def call(x, y):
-        box["m"], box["o"], box["s"], loss = step(box["m"], box["o"], box["s"], x, y)
-        return loss
-
-    return call
+    return carry_step(step, model, opt_state, state)
 
 
 def run(kind: str, width: int, args) -> dict:
