@@ -249,6 +249,39 @@ def _run_compiled(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[jax.Array, 
 
 
 # ---------------------------------------------------------------------------
+# The parametrizations container
+# ---------------------------------------------------------------------------
+
+
+class _Parametrizations(nnx.Dict):
+    """``module.parametrizations``: an ``nnx.Dict`` that iterates in registration
+    order, as torch's ``ModuleDict`` does.
+
+    Flax's graph operations (``copy.deepcopy``, ``nnx.split``/``nnx.merge``,
+    ``nnx.jit``) rebuild a module's attributes in sorted order; the order is kept
+    in a static attribute so that, as in torch, ``transfer_parametrizations_and_params``
+    registers the names in the order they were registered (which one fails first,
+    and with which message, depends on it).
+    """
+
+    def __init__(self) -> None:
+        self._jaxparam_order: tuple[str, ...] = ()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        if key not in self._jaxparam_order:
+            self._jaxparam_order = (*self._jaxparam_order, key)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._jaxparam_order = tuple(k for k in self._jaxparam_order if k != key)
+
+    def __iter__(self) -> Iterator[str]:
+        present = vars(self)
+        return (k for k in self._jaxparam_order if k in present)
+
+
+# ---------------------------------------------------------------------------
 # ParametrizationList
 # ---------------------------------------------------------------------------
 
@@ -607,7 +640,7 @@ def register_parametrization(
             names = _parametrized_names(module)
             if not names:
                 base = type(module)
-                module.parametrizations = nnx.Dict()
+                module.parametrizations = _Parametrizations()
             else:
                 base = type_before_parametrizations(module)
             _set_class(module, base, names | {tensor_name})

@@ -250,6 +250,7 @@ OWN_MESSAGES = ("bad inverse", "no inverse")
 # ours explains the dtype: only torch's prefix is the contract.
 PREFIX_ONLY = ("Calling remove_parametrizations() with leave_parametrized=True",)
 LR = 0.05
+MAX_SGD_VALUE = 100.0
 
 
 def _np(x: Any) -> np.ndarray:
@@ -533,6 +534,15 @@ class ParametrizeMachine(RuleBasedStateMachine):
 
     @rule(use_optax=st.booleans())
     def sgd_step(self, use_optax: bool) -> None:
+        # sin/cos of a large argument amplify a last-bit difference between the
+        # frameworks' own kernels (exp, sin) by the argument's size, and each SGD
+        # step feeds that back into the originals: past MAX_SGD_VALUE the three
+        # would drift apart by arithmetic alone (found with values near 1e37).
+        with torch.no_grad():
+            values = [getattr(self.t, n) for n in NAMES]
+        if not all(v.isfinite().all() and v.abs().max() <= MAX_SGD_VALUE for v in values):
+            STATS["skipped sgd step (ill-conditioned loss)"] += 1
+            return
         STATS["sgd step"] += 1
         STATS["operations"] += 1
         grads = {}
@@ -827,3 +837,22 @@ def test_compat_failed_registration_leaves_module_unchanged(form):
     with pytest.raises(ValueError, match="may not change the shape"):
         CP.register_parametrization(c, "weight", link)
     torch.testing.assert_close(c.weight.detach(), before, rtol=0, atol=0)
+
+
+def test_transfer_after_deepcopy_registers_in_registration_order():
+    # flax's deepcopy rebuilt `parametrizations` in sorted order, so the transfer
+    # registered `other` before `weight` and failed on another link than torch
+    t, j = TorchNet(0), NNXNet(0)
+    for name, entry in (("weight", "double"), ("other", "first_rows")):
+        TP.register_parametrization(t, name, POOL[entry].torch(), unsafe=True)
+        P.register_parametrization(j, name, POOL[entry].jax(), unsafe=True)
+    t, j = copy.deepcopy(t), copy.deepcopy(j)
+    TP.register_parametrization(t, "weight", POOL["first_rows"].torch(), unsafe=True)
+    P.register_parametrization(j, "weight", POOL["first_rows"].jax(), unsafe=True)
+    assert list(j.parametrizations) == list(t.parametrizations) == ["weight", "other"]
+    with pytest.raises(ValueError) as et:
+        TP.transfer_parametrizations_and_params(t, TorchNet(1))
+    with pytest.raises(ValueError) as ej:
+        P.transfer_parametrizations_and_params(j, NNXNet(1))
+    assert "unless the `unsafe` flag" in str(et.value)
+    assert str(ej.value).split("\n")[0] == str(et.value).split("\n")[0]

@@ -5,6 +5,7 @@ very same numbers in the same layout (a raw `weight` Variable / Parameter), then
 compares values, gradients, state-dict keys and exceptions (type and message).
 """
 
+import copy
 import re
 
 import jax
@@ -594,6 +595,23 @@ def test_remove_one_of_two_names():
     P.remove_parametrizations(jm, "bias", leave_parametrized=False)
     assert type(jm) is JM
     assert_close(jm.bias, tm.bias)
+
+
+def test_parametrizations_iterate_in_registration_order():
+    # as torch's ModuleDict, also after flax's graph operations, which rebuild
+    # attributes in sorted order
+    jm, tm = JM(), TM()
+    for name in ("weight", "running", "bias"):
+        register_both(jm, tm, name, "double")
+    graphdef, state = nnx.split(jm)
+    for m in (jm, copy.deepcopy(jm), nnx.merge(graphdef, state)):
+        assert (
+            list(m.parametrizations) == list(tm.parametrizations) == ["weight", "running", "bias"]
+        )
+    TP.remove_parametrizations(tm, "running")
+    P.remove_parametrizations(jm, "running")
+    register_both(jm, tm, "running", "double")
+    assert list(jm.parametrizations) == list(tm.parametrizations) == ["weight", "bias", "running"]
 
 
 def test_register_remove_register_again():
