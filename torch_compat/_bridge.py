@@ -26,6 +26,10 @@ In plain words:
   A residual that is one of those saved tensors (weight norm keeps ``v``,
   spectral norm keeps ``W``) is not returned by the forward (XLA would copy it
   into a fresh buffer): the backward reads it from the saved tensor instead.
+  Small residuals (per-row norms, scalars) leave the forward packed into one
+  array per dtype, and the backward reuses the forward's views of the saved
+  tensors: each array crossing a call costs a few microseconds of runtime
+  bookkeeping, more than copying a few kilobytes.
 * Accepted dtypes: float16, bfloat16, float32, float64, complex64, complex128
   (differentiable), and int8/16/32/64, uint8, bool (passed through, never
   differentiated). Anything else (complex32, float8, quantized, ...) raises
@@ -726,8 +730,18 @@ class _Entry:
 
         def bwd(computed, saved, ct):
             # Residuals that are inputs (or the output) come from torch's saved
-            # tensors instead of being written out again by the forward.
-            leaves = [computed[j] if k == "r" else saved[j] for k, j in src]
+            # tensors instead of being written out again by the forward; small
+            # ones are slices of a packed array.
+            leaves = []
+            for kind, j, *packed in src:
+                if kind == "s":
+                    leaves.append(saved[j])
+                elif kind == "r":
+                    leaves.append(computed[j])
+                else:
+                    start, shape = packed
+                    flat = jax.lax.slice(computed[j], (start,), (start + math.prod(shape),))
+                    leaves.append(flat.reshape(shape))
             vjp_fn = jax.tree_util.tree_unflatten(res_tree, leaves)
             if conj:  # torch's complex gradient convention is the conjugate of JAX's
                 return [jnp.conj(g) for g in vjp_fn(jnp.conj(ct))]
@@ -751,6 +765,47 @@ class _Entry:
 
 _entries: dict[Any, _Entry] = {}
 _lock = threading.Lock()
+
+#: Residuals of at most this many bytes are packed (per dtype) into one array.
+_PACK_MAX_BYTES = 64 * 1024
+
+
+def _pack(leaves: list[Any], src: list[tuple[Any, ...]]) -> list[Any]:
+    """The residual arrays the forward returns, with small ones packed.
+
+    ``src`` holds ``("r", j)`` for ``leaves[j]``, to be rewritten: a small leaf
+    becomes ``("p", k, start, shape)``, a slice of the packed array ``k`` of the
+    returned list. Trace time only.
+    """
+    groups: dict[Any, list[int]] = {}
+    for j, leaf in enumerate(leaves):
+        if leaf.size * leaf.dtype.itemsize <= _PACK_MAX_BYTES:
+            groups.setdefault(leaf.dtype, []).append(j)
+    packed_of: dict[int, tuple[int, int]] = {}
+    out: list[Any] = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        starts, start = [], 0
+        for j in members:
+            starts.append(start)
+            start += leaves[j].size
+        k = len(out)
+        out.append(jnp.concatenate([leaves[j].reshape(-1) for j in members]))
+        packed_of.update({j: (k, st) for j, st in zip(members, starts, strict=True)})
+    index: dict[int, int] = {}
+    for j, leaf in enumerate(leaves):
+        if j not in packed_of:
+            index[j] = len(out)
+            out.append(leaf)
+    for i, (kind, j) in enumerate(src):
+        if kind == "r":
+            if j in packed_of:
+                k, st = packed_of[j]
+                src[i] = ("p", k, st, tuple(leaves[j].shape))
+            else:
+                src[i] = ("r", index[j])
+    return out
 
 
 def _fused(applies, n_x: int, layout) -> Callable[..., tuple[jax.Array, list[jax.Array]]]:
@@ -813,7 +868,7 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     mutated: list[int] = []
     res_tree: list[Any] = []
     res_specs: list[Any] = []
-    res_src: list[tuple[str, int]] = []
+    res_src: list[tuple[Any, ...]] = []
     ct_spec: list[Any] = []
 
     def record(flat, new_bufs):
@@ -850,6 +905,7 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
                     leaves.append(leaf)
                 else:
                     res_src.append(("s", j))
+            leaves = _pack(leaves, res_src)
             res_specs[:] = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
             ct_spec[:] = [jax.ShapeDtypeStruct(y.shape, y.dtype)]
             return y, record(flat, new_bufs), leaves
@@ -864,8 +920,8 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
         lowered = jax.jit(fwd, keep_unused=True).trace(*specs).lower()
     # The saved tensors (diff inputs, then y) the backward reads, in order.
     all_saved = [specs[i] for i in diff_pos] + ct_spec
-    used = sorted({j for k, j in res_src if k == "s"})
-    res_src[:] = [(k, used.index(j) if k == "s" else j) for k, j in res_src]
+    used = sorted({j for k, j, *_ in res_src if k == "s"})
+    res_src[:] = [(k, used.index(j), *r) if k == "s" else (k, j, *r) for k, j, *r in res_src]
     entry = _Entry(
         x64=x64,
         cpu=all(t.device.type == "cpu" for t in tensors),
@@ -929,6 +985,8 @@ _recent_inputs: collections.deque = collections.deque(maxlen=8)
 
 
 def _run(entry: _Entry, tensors: Sequence[torch.Tensor]):
+    """Runs the compiled forward; returns the output tensor, the raw outputs and
+    the imported inputs."""
     arrays = [_import(t, entry.jdev) for t in tensors]
     _recent_inputs.append(arrays)
     with _x64_ctx(entry.x64):
@@ -945,15 +1003,19 @@ def _run(entry: _Entry, tensors: Sequence[torch.Tensor]):
         with torch.no_grad():
             for i, new in zip(entry.mutated, out[1], strict=True):
                 tensors[entry.buf_pos[i]].copy_(_export(new, cpu))
-    return y, out
+    return y, out, arrays
 
 
 class _JaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, entry: _Entry, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y, out = _run(entry, tensors)
+        y, out, arrays = _run(entry, tensors)
         ctx.entry = entry
         ctx.residuals = out[2]  # JAX arrays, never exposed to torch
+        # The backward's saved inputs, as the forward's views of the same memory
+        # (`saved_tensors` below still checks that torch did not change them).
+        views = [arrays[i] for i in entry.diff_pos] + [out[0]]
+        ctx.saved_views = [views[j] for j in entry.saved_used]
         # Saved (inputs and output) so that torch's version counter catches
         # an in-place edit between forward and backward.
         ctx.save_for_backward(*(tensors[i] for i in entry.diff_pos), y)
@@ -969,13 +1031,13 @@ class _JaxFunction(torch.autograd.Function):
                 "(`create_graph=True`): the bridge's backward is once differentiable. "
                 "Write the parametrization as a torch module for higher-order gradients."
             )
-        saved = ctx.saved_tensors  # checks the version counters
+        _ = ctx.saved_tensors  # checks the version counters
         entry: _Entry = ctx.entry
         if not grad.is_contiguous():
             grad = grad.contiguous()
         ct = _import(grad, entry.jdev)
         bwd = entry.backward()
-        inputs = [_import(saved[j], entry.jdev) for j in entry.saved_used]
+        inputs = ctx.saved_views
         _recent_inputs.append((ct, inputs))
         with _x64_ctx(entry.x64):
             grads = bwd(ctx.residuals, inputs, ct)

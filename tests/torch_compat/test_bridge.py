@@ -416,6 +416,36 @@ def test_input_residuals_come_from_saved_tensors():
     )
 
 
+def test_small_residuals_leave_the_forward_packed():
+    # the row sums and the scalar factors (small, float64) leave the forward as one
+    # array, sin(c) and exp(c) (small, float32) as another; cos(a) (80 kB, above
+    # the packing limit) alone
+    def fn(a, b, c):
+        rows = jnp.sum(a * a, axis=1, keepdims=True)
+        return jnp.sin(a) * rows * jnp.prod(b) + jnp.sum(jnp.sin(c) * jnp.exp(c)).astype(a.dtype)
+
+    link = _bridge.JaxParametrization(fn)
+    a = torch.randn(100, 100, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, dtype=torch.float32, requires_grad=True)
+    _bridge.run_chain([link], [a, b, c]).sum().backward()
+    entry = _entry_for((100, 100))
+    kinds = [r[0] for r in entry.res_src]
+    assert kinds.count("p") >= 4 and "r" in kinds
+    packed = [s for s in entry.res_specs if s.ndim == 1]
+    assert len(packed) == 2 and {s.dtype for s in packed} == {
+        jnp.dtype("float64"),
+        jnp.dtype("float32"),
+    }
+    assert torch.autograd.gradcheck(
+        lambda a, b: _bridge.run_chain([link], [a, b, c.detach()]), (a, b)
+    )
+    # the float32 gradient, against torch's autograd on the same expression
+    c_ref = c.detach().clone().requires_grad_()
+    (a.numel() * torch.sum(torch.sin(c_ref) * torch.exp(c_ref))).backward()
+    torch.testing.assert_close(c.grad, c_ref.grad)
+
+
 # --- small CPU computations run on the inline client ------------------------------------
 
 
