@@ -1103,22 +1103,28 @@ def call_jax(fn: Callable[..., Any], *tensors: torch.Tensor, what: str, key: Any
     if hit is None:
         x64 = any(t.dtype in _X64 for t in tensors)
 
+        same: dict[int, int] = {}
+
         def checked(*arrays):
             out = fn(*arrays)
             if not isinstance(out, (list, tuple)):
                 _check_out(out, what)
             else:
-                for o in out:
+                for j, o in enumerate(out):
                     _check_out(o, what)
+                    # the same array returned twice (trace time, by identity)
+                    i = next(i for i, p in enumerate(out) if p is o)
+                    if i != j:
+                        same[j] = i
             return out
 
         specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
         with _x64_ctx(x64):
             compiled = jax.jit(checked).trace(*specs).lower().compile()
         _check_compiled(compiled, what)
-        hit = (x64, compiled)
+        hit = (x64, compiled, same)
         _call_entries[ck] = hit
-    x64, compiled = hit
+    x64, compiled, same = hit
     arrays = [_import(t) for t in tensors]
     _recent_inputs.append(arrays)
     with torch.no_grad(), _x64_ctx(x64):
@@ -1130,5 +1136,11 @@ def call_jax(fn: Callable[..., Any], *tensors: torch.Tensor, what: str, key: Any
         return r.clone() if r.data_ptr() in ptrs and r.numel() else r
 
     if isinstance(out, (list, tuple)):
-        return type(out)(back(a) for a in out)
+        # An array the function returned twice is one tensor returned twice, as a
+        # torch function returning the same tensor twice (torch's originals made
+        # from it then share memory).
+        result = [back(a) for a in out]
+        for j, i in same.items():
+            result[j] = result[i]
+        return type(out)(result)
     return back(out)

@@ -480,6 +480,46 @@ def test_jax_multi_originals_state_dict_and_removal():
     torch.testing.assert_close(m.weight.detach(), w)
 
 
+class _TorchSplitTwice(nn.Module):
+    def forward(self, a, b, c):
+        return a + b + c
+
+    def right_inverse(self, x):
+        z = torch.zeros_like(x)
+        return [x, z, z]  # the same tensor twice
+
+
+def _jax_split_twice(a, b, c):
+    return a + b + c
+
+
+def _jax_split_twice_inverse(x):
+    z = jnp.zeros_like(x)
+    return [x, z, z]  # the same array twice
+
+
+_jax_split_twice.right_inverse = _jax_split_twice_inverse
+
+
+def test_jax_right_inverse_returning_an_array_twice_shares_memory_as_torch():
+    # torch makes one Parameter per returned tensor: the same tensor twice gives
+    # two originals sharing memory, so an SGD step on both moves it twice
+    out = {}
+    for P, link in ((torch_P, _TorchSplitTwice()), (compat_P, _jax_split_twice)):
+        torch.manual_seed(0)
+        m = P.register_parametrization(nn.Linear(3, 3), "weight", link)
+        plist = m.parametrizations.weight
+        ptrs = [getattr(plist, f"original{i}").data_ptr() for i in range(3)]
+        assert ptrs[1] == ptrs[2] != ptrs[0]
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        m(torch.ones(2, 3)).sum().backward()
+        opt.step()
+        out[P] = [getattr(plist, f"original{i}").detach().clone() for i in range(3)]
+    for a, b in zip(out[torch_P], out[compat_P], strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(out[compat_P][1], 2 * -0.1 * torch.full((3, 3), 2.0))
+
+
 def test_jax_cached_and_deepcopy_and_pickle():
     m = compat_P.register_parametrization(nn.Linear(3, 3), "weight", jax_skew)
     with compat_P.cached():
