@@ -489,12 +489,13 @@ class ParametrizationList(_torch_parametrize.ParametrizationList):
             x: Any = (self.original,)
         else:
             x = tuple(getattr(self, f"original{i}") for i in range(self.ntensors))
-        # Only integer keys are links (appended modules are registered as "0", "1", ...)
+        # Only integer keys are links (appended modules are registered as "0", "1", ...);
+        # read from `_modules` directly (a failing `hasattr` raises inside
+        # `Module.__getattr__`, a microsecond per access)
+        modules = self._modules
         links = []
-        idx = 0
-        while hasattr(self, str(idx)):
-            links.append(self[idx])
-            idx += 1
+        while (link := modules.get(str(len(links)))) is not None:
+            links.append(link)
         for is_jax, run in _segments(links):
             if is_jax:
                 x = (_bridge.run_chain(run, x),)
