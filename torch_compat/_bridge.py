@@ -921,7 +921,7 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     # The saved tensors (diff inputs, then y) the backward reads, in order.
     all_saved = [specs[i] for i in diff_pos] + ct_spec
     used = sorted({j for k, j, *_ in res_src if k == "s"})
-    res_src[:] = [(k, used.index(j), *r) if k == "s" else (k, j, *r) for k, j, *r in res_src]
+    res_src[:] = [("s", used.index(j)) if k == "s" else (k, j, *r) for k, j, *r in res_src]
     entry = _Entry(
         x64=x64,
         cpu=all(t.device.type == "cpu" for t in tensors),
