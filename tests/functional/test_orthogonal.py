@@ -1,6 +1,7 @@
 """Differential tests of `jaxparam.functional.orthogonal` against torch's `_Orthogonal`."""
 
 import functools
+import math
 import re
 
 import jax
@@ -138,6 +139,25 @@ def test_matrix_exp_large_norm(x64):
     assert np.abs(g - tA.grad.numpy()).max() <= 1e-10 * np.abs(tA.grad.numpy()).max()
     E32 = matrix_exp(jnp.asarray(A, jnp.float32))
     assert np.abs(E32 - tE.detach().numpy()).max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("degree", [8, 18])
+def test_matrix_exp_polynomials_are_taylor(degree, x64):
+    # The product-saving evaluations are the Taylor polynomial, coefficient for
+    # coefficient: on scalars up to |x| = 10 (where a wrong high-order coefficient
+    # would weigh, x^18/18! ~ 156) they agree with sum x^k/k! to float64 rounding.
+    from jaxparam.functional._orthogonal import _TAYLOR, _taylor
+
+    x = np.concatenate([np.linspace(-10.0, 10.0, 81), [1e-3, -0.58, 1.09]])
+    got = np.array(jax.vmap(lambda t: _taylor(t.reshape(1, 1), degree)[0, 0])(jnp.asarray(x)))
+    k = np.arange(degree + 1)
+    terms = x[:, None] ** k / np.array([math.factorial(int(j)) for j in k])
+    assert np.all(np.abs(got - terms.sum(1)) <= 4e-15 * np.abs(terms).sum(1))
+    # Its theta: the remainder at theta is below the unit roundoff of the precision.
+    for itemsize, eps in ((4, 2.0**-24), (8, 2.0**-53)):
+        m, theta = _TAYLOR[itemsize]
+        if m == degree:
+            assert sum(theta**j / math.factorial(j) for j in range(m + 1, m + 40)) < eps
 
 
 # --- right inverse ----------------------------------------------------------------------
