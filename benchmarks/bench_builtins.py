@@ -18,6 +18,10 @@ The variants' timing rounds are interleaved and every ratio is the median of
 per-round ratios. Ratios are printed and written to
 ``benchmarks/results/bench_builtins.json``.
 
+``orthogonal`` uses torch's default map (``matrix_exp`` on these square
+weights); the kinds ``orthogonal_cayley`` and ``orthogonal_householder`` pick the
+map explicitly (on the torch side too).
+
 Usage: ``python benchmarks/bench_builtins.py [--kinds weight_norm,spectral_norm,orthogonal]``
 """
 
@@ -74,8 +78,13 @@ def parametrize_nnx(model, kind: str):
         elif kind == "spectral_norm":
             JP.spectral_norm(layer, rngs=i)
         else:
-            JP.orthogonal(layer, rngs=nnx.Rngs(i))
+            JP.orthogonal(layer, orthogonal_map=_explicit_map(kind), rngs=nnx.Rngs(i))
     return model
+
+
+def _explicit_map(kind: str) -> str | None:
+    """``orthogonal_cayley`` -> ``"cayley"``; plain ``orthogonal``: the default map."""
+    return kind.removeprefix("orthogonal_") if kind.startswith("orthogonal_") else None
 
 
 def torch_twin(model, kind: str):
@@ -86,7 +95,10 @@ def torch_twin(model, kind: str):
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy(np.array(layer.kernel[...]).T))
             lin.bias.copy_(torch.from_numpy(np.array(layer.bias[...])))
-        getattr(TP, kind)(lin, "weight")
+        if kind.startswith("orthogonal"):
+            TP.orthogonal(lin, "weight", orthogonal_map=_explicit_map(kind))
+        else:
+            getattr(TP, kind)(lin, "weight")
         layers.append(lin)
     return torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1], torch.nn.ReLU(), layers[2])
 
@@ -117,7 +129,7 @@ def floor_step(model, kind: str):
             return F.weight_norm(p["g"], p["v"], 1), s
         if kind == "spectral_norm":
             return F.spectral_norm(p["w"], s, dim=1, training=True)
-        q = F.orthogonal(p["x"].T, s, orthogonal_map=_map(p["x"]))
+        q = F.orthogonal(p["x"].T, s, orthogonal_map=_explicit_map(kind) or _map(p["x"]))
         return q.T, s
 
     def forward(params, state, x):
@@ -261,7 +273,7 @@ def main() -> None:
 
     results = {"args": vars(args), "torch_threads": torch.get_num_threads()}
     for kind in args.kinds.split(","):
-        width = args.orth_width if kind == "orthogonal" else args.width
+        width = args.orth_width if kind.startswith("orthogonal") else args.width
         res = run(kind, width, args)
         results[kind] = res
         print(f"== {kind} (width {width}, batch {args.batch}, float32)")
