@@ -129,7 +129,8 @@ def floor_step(model, kind: str):
             return F.weight_norm(p["g"], p["v"], 1), s
         if kind == "spectral_norm":
             return F.spectral_norm(p["w"], s, dim=1, training=True)
-        q = F.orthogonal(p["x"].T, s, orthogonal_map=_explicit_map(kind) or _map(p["x"]))
+        orthogonal_map = _explicit_map(kind) or F.default_orthogonal_map(p["x"])
+        q = F.orthogonal(p["x"].T, s, orthogonal_map=orthogonal_map)
         return q.T, s
 
     def forward(params, state, x):
@@ -143,10 +144,6 @@ def floor_step(model, kind: str):
         return x, (new_state if state else state)
 
     return pytree_mse_step(forward, params, state, opt)
-
-
-def _map(x):
-    return "matrix_exp" if x.shape[-1] == x.shape[-2] else "householder"
 
 
 def torch_step(model_t):
