@@ -8,7 +8,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -46,8 +46,12 @@ def time_interleaved(
     """`time_call` for several variants, their rounds interleaved.
 
     Round ``r`` of every variant runs before round ``r + 1`` of any, so a change in
-    the machine's load (this machine is shared) hits all variants alike. Each entry
-    also has ``rounds_s``, so callers can take ratios round by round.
+    the machine's load (this machine is shared) hits all variants alike. The order
+    rotates from round to round: whichever variant runs right after another one
+    pays for what that one left behind (torch's and OpenBLAS's spinning worker
+    threads, evicted caches), which made the second and third variants of a round
+    up to 15% slower than the same computation later in the round. Each entry also
+    has ``rounds_s``, so callers can take ratios round by round.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, fn in fns.items():
@@ -55,8 +59,10 @@ def time_interleaved(
         block(fn())
         out[name] = {"first_call_s": time.perf_counter() - start, "rounds_s": []}
         block(fn())
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[name]
             start = time.perf_counter()
             for _ in range(number):
                 res = fn()
@@ -97,26 +103,39 @@ def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -
 # -- training steps shared by the benchmarks (mean squared error, one optimizer step) --
 
 
-def nnx_mse_steps(model: Any, tx: Any) -> tuple[Callable, Callable, Any]:
-    """``(jit_step, cached_step, optimizer)`` for ``model``: both steps take ``(x, y)``.
+class NNXSteps(NamedTuple):
+    """One training step on one model and optimizer, through three flax transforms."""
 
-    ``jit_step`` goes through ``nnx.jit`` on every call (flax's per-call graph
-    traversal included); ``cached_step`` is the same step under
-    ``nnx.cached_partial``, which traverses once.
+    jit: Callable  #: ``nnx.jit`` (graph mode, flax's default): per-call graph traversal
+    cached: Callable  #: the same step under ``nnx.cached_partial``: traverses once
+    tree: Callable  #: ``nnx.jit(graph=False)``: flax's tree mode, modules as pytrees
+    optimizer: Any
+
+
+def nnx_mse_steps(model: Any, tx: Any) -> NNXSteps:
+    """Training steps of ``model`` (MSE loss) taking ``(x, y)``; see `NNXSteps`.
+
+    All three share ``model`` and its optimizer, so they may be interleaved.
     """
     import jax.numpy as jnp
     from flax import nnx
 
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    @nnx.jit
-    def step(model, optimizer, x, y):
+    def train(model, optimizer, x, y):
         loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
         optimizer.update(model, grads)
         return loss
 
+    step = nnx.jit(train)
+    tree = nnx.jit(train, graph=False)
     cached = nnx.cached_partial(step, model, optimizer)
-    return (lambda x, y: step(model, optimizer, x, y)), cached, optimizer
+    return NNXSteps(
+        jit=lambda x, y: step(model, optimizer, x, y),
+        cached=cached,
+        tree=lambda x, y: tree(model, optimizer, x, y),
+        optimizer=optimizer,
+    )
 
 
 def nnx_functional_mse_step(model: Any, tx: Any) -> Callable:

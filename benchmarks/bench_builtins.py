@@ -4,7 +4,8 @@ A 3-layer MLP (``--width`` 512 for the norms, ``--orth-width`` 256 for
 orthogonal; ``--batch`` 64; float32), every kernel parametrized, one full
 training step (forward, backward, optax/torch SGD-momentum update):
 
-- ``jaxparam``: ``jaxparam.parametrizations.<builtin>`` under ``nnx.jit``, under
+- ``jaxparam``: ``jaxparam.parametrizations.<builtin>`` under ``nnx.jit`` (graph
+  mode, flax's default), under ``nnx.jit(graph=False)`` (tree mode), under
   ``nnx.cached_partial``, and in flax's functional style (``nnx.split`` once, the
   model merged inside one ``jax.jit``: no per-call graph traversal);
 - ``floor``: the same math written by hand over a params pytree with the
@@ -103,10 +104,6 @@ def torch_twin(model, kind: str):
     return torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1], torch.nn.ReLU(), layers[2])
 
 
-def nnx_steps(model):
-    return nnx_mse_steps(model, tx())[:2]
-
-
 def floor_step(model, kind: str):
     """The built-in's math by hand: a params pytree and the functional core."""
     params, state = [], []
@@ -174,7 +171,7 @@ def flax_own_step(width: int, seed: int, kind: str):
         jax.nn.relu,
         wrap(nnx.Linear(width, width, rngs=rngs)),
     )
-    return nnx_steps(model)[0]
+    return nnx_mse_steps(model, tx()).jit
 
 
 def equinox_step(width: int, seed: int, kind: str):
@@ -235,10 +232,11 @@ def run(kind: str, width: int, args) -> dict:
 
     model = parametrize_nnx(mlp(width, args.seed), kind)
     model_t = torch_twin(mlp(width, args.seed), kind)
-    jit_step, cached_step = nnx_steps(model)
+    nnx_steps = nnx_mse_steps(model, tx())
     steps = {
-        "jaxparam_nnx_jit": lambda: jit_step(x, y),
-        "jaxparam_cached_partial": lambda: cached_step(x, y),
+        "jaxparam_nnx_jit": lambda: nnx_steps.jit(x, y),
+        "jaxparam_nnx_jit_tree": lambda: nnx_steps.tree(x, y),
+        "jaxparam_cached_partial": lambda: nnx_steps.cached(x, y),
         "jaxparam_functional": (lambda f: lambda: f(x, y))(nnx_functional_mse_step(model, tx())),
         "floor_jax_jit": (lambda f: lambda: f(x, y))(floor_step(model, kind)),
         "torch_eager": (lambda f: lambda: f(xt, yt))(torch_step(model_t)),
@@ -252,7 +250,12 @@ def run(kind: str, width: int, args) -> dict:
 
     timings = time_interleaved(steps, repeat=args.repeat, number=args.number)
     ratios = {f"{name} / torch_eager": round_ratio(timings, name, "torch_eager") for name in steps}
-    for name in ("jaxparam_nnx_jit", "jaxparam_cached_partial", "jaxparam_functional"):
+    for name in (
+        "jaxparam_nnx_jit",
+        "jaxparam_nnx_jit_tree",
+        "jaxparam_cached_partial",
+        "jaxparam_functional",
+    ):
         ratios[f"{name} / floor"] = round_ratio(timings, name, "floor_jax_jit")
     return {"width": width, "timings": timings, "ratios": ratios}
 

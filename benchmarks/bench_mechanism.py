@@ -187,7 +187,8 @@ def run(kind: str, args) -> dict:
     params, state = floor_params(model, kind)
     tx = optax.adam(1e-4)
 
-    nnx_step, cached_step, _ = nnx_mse_steps(model, tx)
+    nnx_steps = nnx_mse_steps(model, tx)
+    nnx_step, cached_step = nnx_steps.jit, nnx_steps.cached
     floor_call = pytree_mse_step(floor_forward(kind), params, state, tx)
 
     opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-4)

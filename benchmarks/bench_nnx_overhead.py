@@ -35,7 +35,8 @@ def main() -> None:
         model = mlp(args.width, 0)
         if kind != "plain":
             parametrize_nnx(model, kind)
-        jit_step, cached_step, optimizer = nnx_mse_steps(model, tx())
+        steps = nnx_mse_steps(model, tx())
+        jit_step, cached_step, optimizer = steps.jit, steps.cached, steps.optimizer
         split = time_call(
             lambda m=model, o=optimizer: nnx.split((m, o)), repeat=args.repeat, number=args.number
         )

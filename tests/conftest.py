@@ -1,6 +1,7 @@
 """Shared test configuration: strict JAX settings and helpers for float64."""
 
 import contextlib
+import functools
 
 import jax
 import numpy as np
@@ -35,11 +36,13 @@ def _seed():
     yield
 
 
-def _mse_steps(model, tx, torch_module, torch_optimizer):
+def _mse_steps(model, tx, torch_module, torch_optimizer, *, graph=True):
     """One MSE training step of an NNX model and of its torch twin, side by side.
 
     Returns ``step(x, y) -> (loss, torch_loss)`` taking numpy arrays; the NNX step
-    runs under ``nnx.jit`` with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
+    runs under ``nnx.jit(graph=graph)`` with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``:
+    flax's graph mode (its default) or its tree mode (``graph=False``), where
+    modules cross the transform as plain pytrees.
     """
     import jax.numpy as jnp
     import torch
@@ -47,7 +50,7 @@ def _mse_steps(model, tx, torch_module, torch_optimizer):
 
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    @nnx.jit
+    @nnx.jit(graph=graph)
     def nnx_step(model, optimizer, x, y):
         loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
         optimizer.update(model, grads)
@@ -65,7 +68,8 @@ def _mse_steps(model, tx, torch_module, torch_optimizer):
     return step
 
 
-@pytest.fixture
-def mse_steps():
-    """Factory of side-by-side NNX / torch training steps (see ``_mse_steps``)."""
-    return _mse_steps
+@pytest.fixture(params=["graph", "tree"])
+def mse_steps(request):
+    """Factory of side-by-side NNX / torch training steps (see ``_mse_steps``),
+    once in flax's graph mode and once in its tree mode."""
+    return functools.partial(_mse_steps, graph=request.param == "graph")

@@ -162,7 +162,7 @@ def copy_torch_vectors(t, f, name, layer):
 
 
 @pytest.mark.parametrize("layer", sorted(PAIRS))
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", ["eager", "graph", "tree"])
 def test_spectral_norm_matches_torch_in_training_and_eval(layer, jit):
     make, name = PAIRS[layer]
     t, f, to_flax = make()
@@ -172,7 +172,11 @@ def test_spectral_norm_matches_torch_in_training_and_eval(layer, jit):
     sn_f = f.parametrizations[name][0]
     assert isinstance(sn_f._u, PowerIteration) and not isinstance(sn_f._u, nnx.Param)
 
-    read = nnx.jit(lambda m: getattr(m, name)[...]) if jit else (lambda m: getattr(m, name)[...])
+    def read(m):
+        return getattr(m, name)[...]
+
+    if jit != "eager":  # flax's graph mode (its default) or tree mode
+        read = nnx.jit(read, graph=jit == "graph")
     for _ in range(3):  # each training read runs one power iteration
         np.testing.assert_allclose(np_(read(f)), to_flax(np_(t.weight)), atol=1e-5)
     np.testing.assert_allclose(np_(sn_f._u[...]), np_(t.parametrizations.weight[0]._u), atol=1e-5)
@@ -210,12 +214,15 @@ def test_spectral_norm_errors_match_torch():
         assert type(f) is nnx.Linear
 
 
-def test_spectral_norm_gan_pattern_two_forwards_one_backward():
+@pytest.mark.parametrize("graph", [True, False])
+def test_spectral_norm_gan_pattern_two_forwards_one_backward(graph):
     f = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
     spectral_norm(f, rngs=nnx.Rngs(1))
     x1, x2 = jnp.ones((2, 4)), -jnp.ones((2, 4))
+    # u starts far from the converged vector the 15 warm-up iterations left there
+    f.parametrizations.kernel[0]._u[...] = u0 = jnp.full((4,), 0.5)
 
-    @nnx.jit
+    @nnx.jit(graph=graph)  # flax's graph mode (its default) and its tree mode
     def step(m):
         def loss(m):
             return m(x1).sum() - m(x2).sum()
@@ -224,6 +231,8 @@ def test_spectral_norm_gan_pattern_two_forwards_one_backward():
 
     grads = step(f)
     assert np.all(np.isfinite(np_(grads["parametrizations"]["kernel"]["original"][...])))
+    u = np_(f.parametrizations.kernel[0]._u[...])
+    assert not np.allclose(u, np_(u0)) and np.isclose(np.linalg.norm(u), 1.0)  # updated
     assert "0" not in grads["parametrizations"]["kernel"] or not any(
         isinstance(v, nnx.Param) for v in jax.tree.leaves(grads["parametrizations"]["kernel"]["0"])
     )
