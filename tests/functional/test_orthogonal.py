@@ -123,6 +123,23 @@ def test_cayley_blocked_inverse(shape, dtype, x64):
     _run(shape, "cayley", dtype, use_trivialization=dtype == "float64")
 
 
+@pytest.mark.parametrize(("shape", "dtype"), [((2, 7, 7), "float32"), ((3, 48, 48), "complex128")])
+def test_gauss_jordan_leaf_inverse(shape, dtype, x64):
+    # The blocked Cayley inverse's leaves: I - A/2 with A skew-Hermitian, inverted in
+    # XLA without pivoting, equal numpy's pivoted LAPACK inverse.
+    from jaxparam.functional._orthogonal import _gauss_jordan_inverse
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape) * 2.0
+    if dtype.startswith("complex"):
+        x = x + 1j * rng.standard_normal(shape) * 2.0
+    a = x - np.conj(np.swapaxes(x, -1, -2))
+    m = np.eye(shape[-1]) - a / 2
+    got = np.asarray(_gauss_jordan_inverse(jnp.asarray(m, dtype)))
+    tol = 1e-6 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(got, np.linalg.inv(m), atol=tol, rtol=tol)
+
+
 def test_matrix_exp_large_norm(x64):
     # Several squarings: compare with torch in float64 (tight) and float32 (relative).
     rng = np.random.default_rng(1)
