@@ -80,9 +80,16 @@ def round_ratio(timings: dict[str, dict[str, Any]], num: str, den: str) -> float
     return statistics.median(a / b for a, b in pairs)
 
 
+def results_dir() -> str:
+    """Where results go: ``$JAXPARAM_BENCH_RESULTS``, else ``benchmarks/results``."""
+    return os.environ.get("JAXPARAM_BENCH_RESULTS") or os.path.join(
+        os.path.dirname(__file__), "results"
+    )
+
+
 def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -> str:
-    """Write ``payload`` with machine information to ``benchmarks/results/<name>.json``."""
-    out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results")
+    """Write ``payload`` with machine information to ``<results_dir()>/<name>.json``."""
+    out_dir = out_dir or results_dir()
     os.makedirs(out_dir, exist_ok=True)
     payload = {
         "machine": {

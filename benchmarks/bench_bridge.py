@@ -32,6 +32,7 @@ import jax
 import torch
 import torch.nn.utils.parametrizations as torch_builtins
 import torch.nn.utils.parametrize as torch_P
+from _timing import results_dir
 
 import torch_compat.parametrize as compat_P
 from torch_compat import parametrizations as compat_builtins
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results/bench_bridge.json")
+    parser.add_argument("--out", default=os.path.join(results_dir(), "bench_bridge.json"))
     parser.add_argument("--width", type=int, default=512, help="MLP width")
     parser.add_argument("--depth", type=int, default=3, help="MLP layers")
     parser.add_argument("--batch", type=int, default=64, help="MLP batch size")

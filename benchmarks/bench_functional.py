@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from _timing import results_dir
 from torch.nn.utils.parametrizations import _OrthMaps, _Orthogonal, _SpectralNorm, _WeightNorm
 
 from jaxparam.functional import orthogonal, spectral_norm, spectral_norm_init, weight_norm
@@ -164,9 +165,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "bench_functional.json"
-    )
+    parser.add_argument("--out", type=Path, default=Path(results_dir()) / "bench_functional.json")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
 
