@@ -47,11 +47,10 @@ def time_interleaved(
 
     Round ``r`` of every variant runs before round ``r + 1`` of any, so a change in
     the machine's load (this machine is shared) hits all variants alike. The order
-    rotates from round to round: whichever variant runs right after another one
-    pays for what that one left behind (torch's and OpenBLAS's spinning worker
-    threads, evicted caches), which made the second and third variants of a round
-    up to 15% slower than the same computation later in the round. Each entry also
-    has ``rounds_s``, so callers can take ratios round by round.
+    rotates from round to round, so that no variant always runs right after the
+    same other one and pays for what it left behind (spinning worker threads of
+    torch or OpenBLAS, evicted caches). Each entry also has ``rounds_s``, so
+    callers can take ratios round by round.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, fn in fns.items():
