@@ -110,37 +110,43 @@ def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -
 
 
 class NNXSteps(NamedTuple):
-    """One training step on one model and optimizer, through three flax transforms."""
+    """One training step through three flax transforms, each on its own copy of the model."""
 
     jit: Callable  #: ``nnx.jit`` (graph mode, flax's default): per-call graph traversal
     cached: Callable  #: the same step under ``nnx.cached_partial``: traverses once
     tree: Callable  #: ``nnx.jit(graph=False)``: flax's tree mode, modules as pytrees
-    optimizer: Any
+    optimizer: Any  #: the optimizer of ``jit``'s model (the ``model`` passed in)
 
 
 def nnx_mse_steps(model: Any, tx: Any) -> NNXSteps:
     """Training steps of ``model`` (MSE loss) taking ``(x, y)``; see `NNXSteps`.
 
-    All three share ``model`` and its optimizer, so they may be interleaved.
+    ``jit`` trains ``model`` itself; ``cached`` and ``tree`` train ``nnx.clone``
+    copies of it, made before any step. Interleaved, every variant has then done
+    as many steps from the same start as any other: a parametrization whose cost
+    depends on the weights (``matrix_exp`` squares as many times as the weight's
+    norm asks) is timed at the same point of training in each. With one shared
+    model, the three would train it three times faster than a variant with its
+    own weights, and pay for larger norms.
     """
     import jax.numpy as jnp
     from flax import nnx
-
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     def train(model, optimizer, x, y):
         loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
         optimizer.update(model, grads)
         return loss
 
+    copies = [model, nnx.clone(model), nnx.clone(model)]
+    jit_opt, cached_opt, tree_opt = (nnx.Optimizer(m, tx, wrt=nnx.Param) for m in copies)
     step = nnx.jit(train)
     tree = nnx.jit(train, graph=False)
-    cached = nnx.cached_partial(step, model, optimizer)
+    cached = nnx.cached_partial(step, copies[1], cached_opt)
     return NNXSteps(
-        jit=lambda x, y: step(model, optimizer, x, y),
+        jit=lambda x, y: step(copies[0], jit_opt, x, y),
         cached=cached,
-        tree=lambda x, y: tree(model, optimizer, x, y),
-        optimizer=optimizer,
+        tree=lambda x, y: tree(copies[2], tree_opt, x, y),
+        optimizer=jit_opt,
     )
 
 
