@@ -76,9 +76,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import torch._C._functorch as _functorch
+import torch._functorch.pyfunctorch as _pyfunctorch
 from flax import nnx
 
 from jaxparam._checks import link_name
+
+#: torch's node whose backward raises (what ``once_differentiable`` uses).
+_DelayedError = torch._C._functions.DelayedError
 
 try:  # The fast path: skip jax.dlpack.from_dlpack's Python overhead (~30 us).
     from jax._src.lib import _jax as _jaxlib
@@ -1006,48 +1011,166 @@ def _run(entry: _Entry, tensors: Sequence[torch.Tensor]):
     return y, out, arrays
 
 
+def _is_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by torch.func.vmap at any of its wrapping levels."""
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return True
+        t = _functorch.get_unwrapped(t)
+    return False
+
+
+def _innermost(t: torch.Tensor) -> torch.Tensor:
+    while _functorch.is_functorch_wrapped_tensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
+def _setup(ctx, entry: _Entry, tensors: Sequence[torch.Tensor], y: torch.Tensor, out, arrays):
+    ctx.entry = entry
+    ctx.residuals = out[2]  # JAX arrays, never exposed to torch
+    # The backward's saved inputs, as the forward's views of the same memory
+    # (`saved_tensors` in the backward still checks that torch did not change them).
+    views = [arrays[i] for i in entry.diff_pos] + [out[0]]
+    ctx.saved_views = [views[j] for j in entry.saved_used]
+    # Saved (inputs and output) so that torch's version counter catches
+    # an in-place edit between forward and backward.
+    ctx.save_for_backward(*(tensors[i] for i in entry.diff_pos), y)
+
+
+def _backward_entry(ctx, grad: torch.Tensor):
+    saved = ctx.saved_tensors  # checks the version counters
+    if _functorch.maybe_current_level() is None:
+        if not torch.is_grad_enabled():  # the usual backward
+            return (None, *_backward(ctx, grad))
+        with torch.no_grad():  # create_graph=True
+            result = _backward(ctx, grad)
+            _once_differentiable(result, (grad, *saved))
+        return (None, *result)
+    if _is_batched(grad):  # the backward of vjp under vmap (jacrev)
+        raise RuntimeError(_NO_VMAP)
+    if _differentiating_levels() > 1:
+        # torch.func.grad of torch.func.grad (or jacrev of grad, ...): the
+        # outer transform would differentiate our gradients, constants to it.
+        raise RuntimeError(_DOUBLE_BACKWARD.decode())
+    # torch.func.grad always builds a graph, as create_graph=True does.
+    with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
+        result = _backward(ctx, grad)
+        _once_differentiable(result, (grad, *saved))
+    return (None, *result)
+
+
 class _JaxFunction(torch.autograd.Function):
+    """The autograd node of a JAX chain (outside torch.func's transforms)."""
+
     @staticmethod
     def forward(ctx, entry: _Entry, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         y, out, arrays = _run(entry, tensors)
-        ctx.entry = entry
-        ctx.residuals = out[2]  # JAX arrays, never exposed to torch
-        # The backward's saved inputs, as the forward's views of the same memory
-        # (`saved_tensors` below still checks that torch did not change them).
-        views = [arrays[i] for i in entry.diff_pos] + [out[0]]
-        ctx.saved_views = [views[j] for j in entry.saved_used]
-        # Saved (inputs and output) so that torch's version counter catches
-        # an in-place edit between forward and backward.
-        ctx.save_for_backward(*(tensors[i] for i in entry.diff_pos), y)
+        _setup(ctx, entry, tensors, y, out, arrays)
+        return y
+
+    backward = staticmethod(_backward_entry)
+
+
+#: The forward's raw outputs, for ``setup_context``: called right after
+#: ``forward`` on the same thread, and once more per transform level, with the
+#: output wrapped.
+_last_run = threading.local()
+
+
+class _JaxFunctionInTransforms(torch.autograd.Function):
+    """`_JaxFunction` in the form torch.func's transforms require (``forward``
+    apart from ``setup_context``). Used only inside a transform: torch binds
+    the arguments of such a Function with ``inspect.signature`` on every call
+    (~20 us)."""
+
+    @staticmethod
+    def forward(entry: _Entry, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y, out, arrays = _run(entry, tensors)
+        _last_run.value = (y, out, arrays)
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            # create_graph=True: our gradients would be constants, silently
-            # dropping second-order terms.
-            raise RuntimeError(
-                "JAX parametrizations do not support double backward "
-                "(`create_graph=True`): the bridge's backward is once differentiable. "
-                "Write the parametrization as a torch module for higher-order gradients."
-            )
-        _ = ctx.saved_tensors  # checks the version counters
-        entry: _Entry = ctx.entry
-        if not grad.is_contiguous():
-            grad = grad.contiguous()
-        ct = _import(grad, entry.jdev)
-        bwd = entry.backward()
-        inputs = ctx.saved_views
-        _recent_inputs.append((ct, inputs))
-        with _x64_ctx(entry.x64):
-            grads = bwd(ctx.residuals, inputs, ct)
-        needs = ctx.needs_input_grad
-        result: list[torch.Tensor | None] = [None] * (len(needs) - 1)
-        cpu = entry.cpu
-        for i, g in zip(entry.diff_pos, grads, strict=True):
-            if needs[i + 1]:
-                result[i] = _export(g, cpu)
-        return (None, *result)
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        entry, *tensors = inputs
+        y, out, arrays = _last_run.value
+        if _innermost(output) is not y:  # pragma: no cover - torch calls forward first
+            raise RuntimeError("torch_compat: setup_context without its forward")
+        _setup(ctx, entry, tensors, output, out, arrays)
+
+    @staticmethod
+    def vmap(info, in_dims, entry, *tensors):  # type: ignore[override]
+        raise RuntimeError(_NO_VMAP)
+
+    backward = staticmethod(_backward_entry)
+
+
+def _once_differentiable(result: list[torch.Tensor | None], inputs: Sequence[torch.Tensor]) -> None:
+    """Makes differentiating the gradients in ``result`` again raise, in place.
+
+    Our gradients are constants to torch: differentiating them again
+    (``create_graph=True`` and a second backward, or torch autograd around
+    ``torch.func.grad``) would silently drop the second-order terms. As with
+    torch's ``once_differentiable``, they come back through a node whose backward
+    raises, here with the tensors they depend on (``inputs``: the cotangent and
+    the saved tensors) as its inputs too, so that any path back to those reaches
+    it.
+    """
+    deps = [u for u in map(_innermost, inputs) if u.requires_grad]
+    out = [i for i, r in enumerate(result) if r is not None]
+    if not deps or not out:
+        return
+    with torch.enable_grad():
+        aliases = _DelayedError(_DOUBLE_BACKWARD, len(out) + len(deps))(
+            *(result[i] for i in out), *deps
+        )
+    for i, a in zip(out, aliases, strict=False):
+        result[i] = a
+
+
+_DOUBLE_BACKWARD = (
+    b"JAX parametrizations do not support double backward (differentiating a gradient "
+    b"that flowed through one, with `create_graph=True` or nested torch.func transforms): "
+    b"the bridge's backward is once differentiable. "
+    b"Write the parametrization as a torch module for higher-order gradients."
+)
+
+
+_NO_VMAP = (
+    "JAX parametrizations do not support torch.func.vmap, nor the transforms built on "
+    "it (jacrev, jacfwd, hessian, vmap over grad). torch.func.grad, torch.func.vjp and "
+    "torch.func.functional_call work; for per-example results, loop over the batch."
+)
+
+
+def _differentiating_levels() -> int:
+    """How many of torch.func's active transforms differentiate (grad, vjp, jvp, ...)."""
+    if _functorch.maybe_current_level() is None:
+        return 0
+    return sum(
+        i.key() in (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
+        for i in _functorch.get_interpreter_stack()
+    )
+
+
+def _backward(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
+    """The compiled VJP on the forward's residuals: one gradient per input tensor."""
+    entry: _Entry = ctx.entry
+    if not grad.is_contiguous():
+        grad = grad.contiguous()
+    ct = _import(grad, entry.jdev)
+    bwd = entry.backward()
+    inputs = ctx.saved_views
+    _recent_inputs.append((ct, inputs))
+    with _x64_ctx(entry.x64):
+        grads = bwd(ctx.residuals, inputs, ct)
+    needs = ctx.needs_input_grad
+    result: list[torch.Tensor | None] = [None] * (len(needs) - 1)
+    cpu = entry.cpu
+    for i, g in zip(entry.diff_pos, grads, strict=True):
+        if needs[i + 1]:
+            result[i] = _export(g, cpu)
+    return result
 
 
 @torch.compiler.disable  # opaque to dynamo: a clean graph break, JAX runs eagerly
@@ -1078,8 +1201,24 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
         tensors.extend(bufs)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     entry = _get_entry(links, tensors, grad)
+    if (
+        not grad
+        and torch._C._are_functorch_transforms_active()
+        and any(_functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    ):
+        # Under torch.func.grad, a tensor that is not differentiated (a buffer)
+        # is a wrapper: the JAX call reads the tensor underneath.
+        if any(_is_batched(t) for t in tensors):
+            raise RuntimeError(_NO_VMAP)
+        with _pyfunctorch.temporarily_clear_interpreter_stack():
+            return _run(entry, [_innermost(t) for t in tensors])[0]
     if grad:
-        return _JaxFunction.apply(entry, *tensors)
+        if not torch._C._are_functorch_transforms_active():
+            return _JaxFunction.apply(entry, *tensors)
+        try:
+            return _JaxFunctionInTransforms.apply(entry, *tensors)
+        finally:
+            _last_run.value = None  # every setup_context has run
     return _run(entry, tensors)[0]
 
 

@@ -1,0 +1,171 @@
+"""torch.func with JAX parametrizations, side by side with torch's own parametrize.
+
+``torch.func.functional_call``, ``torch.func.grad`` and ``torch.func.vjp`` give
+torch's numbers; what the bridge cannot do (higher-order gradients through a
+JAX link, ``vmap`` over its inputs) raises a clear error instead of a wrong
+value.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrizations as torch_builtins
+import torch.nn.utils.parametrize as torch_P
+from torch.func import functional_call, grad, jacrev, vjp, vmap
+
+import torch_compat.parametrize as compat_P
+from torch_compat import parametrizations as compat_builtins
+
+DOUBLE = "do not support double backward"
+NO_VMAP = "do not support torch.func.vmap"
+
+
+class _Scaled(nn.Module):
+    """Two originals: ``w = a * b.tanh()`` (torch side)."""
+
+    def forward(self, a, b):
+        return a * b.tanh()
+
+    def right_inverse(self, w):
+        return w, torch.full_like(w, 0.5)
+
+
+def _jax_scaled(a, b):
+    return a * jnp.tanh(b)
+
+
+_jax_scaled.right_inverse = lambda w: (w, jnp.full_like(w, 0.5))
+
+
+def _build(side: str, kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3, dtype=torch.float64)
+    builtins = torch_builtins if side == "torch" else compat_builtins
+    if kind == "weight_norm":
+        builtins.weight_norm(m)
+    elif kind == "spectral_norm":
+        builtins.spectral_norm(m)
+    elif kind == "orthogonal":
+        builtins.orthogonal(m)
+    else:
+        P = torch_P if side == "torch" else compat_P
+        P.register_parametrization(m, "weight", _Scaled() if side == "torch" else _jax_scaled)
+    return m
+
+
+KINDS = ["weight_norm", "spectral_norm", "orthogonal", "two_originals"]
+
+
+def _params(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+def _assert_close(got: dict, ref: dict) -> None:
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-10, msg=k)
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(1)
+    return torch.randn(5, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_func_grad_and_vjp_match_torch(kind, training, x):
+    results = {}
+    for side in ("torch", "compat"):
+        m = _build(side, kind).train(training)
+        params = _params(m)
+
+        def loss(p, m=m):
+            return functional_call(m, p, (x,)).pow(2).sum()
+
+        g = grad(loss)(params)
+        value, pullback = vjp(loss, params)
+        (v,) = pullback(torch.ones((), dtype=torch.float64))
+        buffers = {k: b.clone() for k, b in m.named_buffers()}  # spectral norm's u, v
+        results[side] = (g, v, value, buffers)
+    (g_t, v_t, value_t, buf_t), (g_c, v_c, value_c, buf_c) = results["torch"], results["compat"]
+    _assert_close(g_c, g_t)
+    _assert_close(v_c, v_t)
+    torch.testing.assert_close(value_c, value_t, rtol=1e-10, atol=1e-10)
+    _assert_close(buf_c, buf_t)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_create_graph_first_order_works_second_order_raises(kind, x):
+    grads = {}
+    for side in ("torch", "compat"):
+        m = _build(side, kind)
+        originals = list(m.parametrizations.weight.parameters())
+        grads[side] = torch.autograd.grad(m(x).pow(2).sum(), originals, create_graph=True)
+    for got, ref in zip(grads["compat"], grads["torch"], strict=True):
+        torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-10, atol=1e-10)
+    m = _build("compat", kind)
+    originals = list(m.parametrizations.weight.parameters())
+    first = torch.autograd.grad(m(x).pow(2).sum(), originals, create_graph=True)
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        torch.autograd.grad(first[0].sum(), originals)
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        sum(f.sum() for f in first).backward()
+
+
+def test_second_order_through_the_forward_only_works(x):
+    """The bias's gradient depends on the weight through the JAX forward only:
+    differentiating it again never reaches the JAX backward, and matches torch."""
+    second = {}
+    for side in ("torch", "compat"):
+        m = _build(side, "weight_norm")
+        params = {k: v.requires_grad_() for k, v in _params(m).items()}
+        g = grad(lambda p, m=m: functional_call(m, p, (x,)).pow(2).sum())(params)
+        v = params["parametrizations.weight.original1"]
+        second[side] = torch.autograd.grad(g["bias"].sum(), [v])[0]
+    torch.testing.assert_close(second["compat"], second["torch"], rtol=1e-10, atol=1e-10)
+    # ... while the gradient of an original, which the JAX backward made, refuses.
+    m = _build("compat", "weight_norm")
+    params = {k: v.requires_grad_() for k, v in _params(m).items()}
+    g = grad(lambda p: functional_call(m, p, (x,)).pow(2).sum())(params)
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        torch.autograd.grad(g["parametrizations.weight.original1"].sum(), [params["bias"]])
+
+
+def test_nested_func_grad_raises(x):
+    m = _build("compat", "weight_norm")
+    params = _params(m)
+
+    def loss(p):
+        return functional_call(m, p, (x,)).pow(2).sum()
+
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        grad(lambda p: grad(loss)(p)["parametrizations.weight.original1"].sum())(params)
+
+
+def test_vmap_over_inputs_matches_torch():
+    """The parametrized weight does not depend on the vmapped input: it works."""
+    xs = torch.randn(3, 5, 4, dtype=torch.float64)
+    out = {}
+    for side in ("torch", "compat"):
+        m = _build(side, "weight_norm")
+        params = _params(m)
+        out[side] = vmap(lambda xx, m=m, p=params: functional_call(m, p, (xx,)))(xs)
+    torch.testing.assert_close(out["compat"], out["torch"], rtol=1e-10, atol=1e-10)
+
+
+def test_vmap_over_originals_and_jacrev_raise_clearly(x):
+    m = _build("compat", "weight_norm")
+    params = _params(m)
+    stacked = {k: torch.stack([v, 2 * v]) for k, v in params.items()}
+    with pytest.raises(RuntimeError, match=NO_VMAP):
+        vmap(lambda p: functional_call(m, p, (x,)))(stacked)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=NO_VMAP):
+        vmap(lambda p: functional_call(m, p, (x,)))(stacked)
+    with pytest.raises(RuntimeError, match=NO_VMAP):
+        jacrev(lambda p: functional_call(m, p, (x,)))(params)
+    # Nothing was left half-done: the module still works as before.
+    m(x).sum().backward()
