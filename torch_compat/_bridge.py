@@ -30,6 +30,13 @@ In plain words:
   array per dtype, and the backward reuses the forward's views of the saved
   tensors: each array crossing a call costs a few microseconds of runtime
   bookkeeping, more than copying a few kilobytes.
+* Higher order and ``torch.func``: the backward is once differentiable (a
+  second differentiation through it raises, lazily, as torch's
+  ``once_differentiable`` does). Inside torch.func's transforms the chain runs
+  through ``_JaxFunctionInTransforms`` (the ``setup_context`` form they
+  require), so ``functional_call`` with ``grad`` and ``vjp`` works; ``vmap``
+  over the chain's inputs and forward-mode AD through them raise, never drop a
+  batch dimension or a tangent.
 * Accepted dtypes: float16, bfloat16, float32, float64, complex64, complex128
   (differentiable), and int8/16/32/64, uint8, bool (passed through, never
   differentiated). Anything else (complex32, float8, quantized, ...) raises
@@ -78,6 +85,7 @@ import numpy as np
 import torch
 import torch._C._functorch as _functorch
 import torch._functorch.pyfunctorch as _pyfunctorch
+import torch.autograd.forward_ad as _fwad
 from flax import nnx
 
 from jaxparam._checks import link_name
@@ -1143,6 +1151,32 @@ _NO_VMAP = (
 )
 
 
+_NO_FORWARD_AD = (
+    "JAX parametrizations do not support forward-mode AD (torch.func.jvp, jacfwd, "
+    "hessian, torch.autograd.forward_ad) through their weights: the bridge has no jvp "
+    "rule, and the tangents would be lost. Use reverse mode (backward, torch.func.grad "
+    "or torch.func.vjp); forward mode with respect to the inputs only works."
+)
+
+
+def _refuse_forward_ad(tensors: Sequence[torch.Tensor], transforms: bool) -> None:
+    """Raises when an input carries a forward-mode tangent, which the bridge would drop."""
+    if transforms and any(
+        i.key() == _functorch.TransformType.Jvp for i in _functorch.get_interpreter_stack()
+    ):
+        # Under torch.func.jvp (or jacfwd, hessian), a wrapped input may carry a
+        # tangent at the Jvp level (or the gradients would need one).
+        if any(_functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+            raise RuntimeError(_NO_FORWARD_AD)
+        return
+    if _fwad._current_level >= 0:
+        for t in tensors:
+            if not _functorch.is_functorch_wrapped_tensor(t) and (
+                _fwad.unpack_dual(t).tangent is not None
+            ):
+                raise RuntimeError(_NO_FORWARD_AD)
+
+
 def _differentiating_levels() -> int:
     """How many of torch.func's active transforms differentiate (grad, vjp, jvp, ...)."""
     if _functorch.maybe_current_level() is None:
@@ -1199,13 +1233,12 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
         params, bufs = link._jax_state()
         tensors.extend(params)
         tensors.extend(bufs)
+    transforms = torch._C._are_functorch_transforms_active()
+    if transforms or _fwad._current_level >= 0:
+        _refuse_forward_ad(tensors, transforms)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     entry = _get_entry(links, tensors, grad)
-    if (
-        not grad
-        and torch._C._are_functorch_transforms_active()
-        and any(_functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-    ):
+    if not grad and transforms and any(_functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         # Under torch.func.grad, a tensor that is not differentiated (a buffer)
         # is a wrapper: the JAX call reads the tensor underneath.
         if any(_is_batched(t) for t in tensors):
@@ -1213,7 +1246,7 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
         with _pyfunctorch.temporarily_clear_interpreter_stack():
             return _run(entry, [_innermost(t) for t in tensors])[0]
     if grad:
-        if not torch._C._are_functorch_transforms_active():
+        if not transforms:
             return _JaxFunction.apply(entry, *tensors)
         try:
             return _JaxFunctionInTransforms.apply(entry, *tensors)

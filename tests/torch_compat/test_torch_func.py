@@ -2,8 +2,8 @@
 
 ``torch.func.functional_call``, ``torch.func.grad`` and ``torch.func.vjp`` give
 torch's numbers; what the bridge cannot do (higher-order gradients through a
-JAX link, ``vmap`` over its inputs) raises a clear error instead of a wrong
-value.
+JAX link, ``vmap`` over its inputs, forward-mode AD through its weights)
+raises a clear error instead of a wrong value.
 """
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.utils.parametrizations as torch_builtins
 import torch.nn.utils.parametrize as torch_P
-from torch.func import functional_call, grad, jacrev, vjp, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import torch_compat.parametrize as compat_P
 from torch_compat import parametrizations as compat_builtins
 
 DOUBLE = "do not support double backward"
 NO_VMAP = "do not support torch.func.vmap"
+NO_FORWARD_AD = "do not support forward-mode AD"
 
 
 class _Scaled(nn.Module):
@@ -167,5 +169,41 @@ def test_vmap_over_originals_and_jacrev_raise_clearly(x):
         vmap(lambda p: functional_call(m, p, (x,)))(stacked)
     with pytest.raises(RuntimeError, match=NO_VMAP):
         jacrev(lambda p: functional_call(m, p, (x,)))(params)
+    # Nothing was left half-done: the module still works as before.
+    m(x).sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["spectral_norm", "orthogonal", "two_originals"])
+def test_forward_mode_wrt_the_input_matches_torch(kind, x):
+    """jvp with respect to the input only: the weights carry no tangent."""
+    tangents = {}
+    for side in ("torch", "compat"):
+        m = _build(side, kind).eval()
+        _, tangents[side] = jvp(m, (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(tangents["compat"], tangents["torch"], rtol=1e-10, atol=1e-10)
+
+
+def test_forward_mode_through_the_weights_raises_clearly(x):
+    """torch's orthogonal supports forward mode; the bridge has no jvp rule, and
+    refuses rather than drop the weights' tangents."""
+    m = _build("compat", "orthogonal")
+    params = _params(m)
+    ones = {k: torch.ones_like(v) for k, v in params.items()}
+
+    def f(p):
+        return functional_call(m, p, (x,))
+
+    with pytest.raises(RuntimeError, match=NO_FORWARD_AD):
+        jvp(f, (params,), (ones,))
+    with pytest.raises(RuntimeError, match=NO_FORWARD_AD):
+        jacfwd(f)(params)
+    with pytest.raises(RuntimeError, match=NO_FORWARD_AD):
+        hessian(lambda p: f(p).sum())(params)
+    name = "parametrizations.weight.original"
+    for no_grad in (False, True):
+        with fwAD.dual_level(), torch.set_grad_enabled(not no_grad):
+            dual = fwAD.make_dual(params[name], ones[name])
+            with pytest.raises(RuntimeError, match=NO_FORWARD_AD):
+                functional_call(m, {**params, name: dual}, (x,))
     # Nothing was left half-done: the module still works as before.
     m(x).sum().backward()
