@@ -34,9 +34,11 @@ In plain words:
   second differentiation through it raises, lazily, as torch's
   ``once_differentiable`` does). Inside torch.func's transforms the chain runs
   through ``_JaxFunctionInTransforms`` (the ``setup_context`` form they
-  require), so ``functional_call`` with ``grad`` and ``vjp`` works; ``vmap``
-  over the chain's inputs and forward-mode AD through them raise, never drop a
-  batch dimension or a tangent.
+  require), so ``functional_call`` with ``grad`` and ``vjp`` works. A
+  cotangent batched by ``vmap`` (per-sample gradients, ``jacrev``) runs one
+  compiled ``jax.vmap`` of the VJP. ``vmap`` over the chain's inputs and
+  forward-mode AD through them raise, never drop a batch dimension or a
+  tangent.
 * Accepted dtypes: float16, bfloat16, float32, float64, complex64, complex128
   (differentiable), and int8/16/32/64, uint8, bool (passed through, never
   differentiated). Anything else (complex32, float8, quantized, ...) raises
@@ -731,6 +733,7 @@ class _Entry:
         "ct_spec",
         "bwd",
         "jdev",
+        "batched_bwd",
     )
 
     def __init__(self, **kw):
@@ -739,30 +742,9 @@ class _Entry:
 
     def lower_backward(self) -> Any:
         """The VJP ``(residual leaves, saved inputs, cotangent) -> grads``, lowered."""
-        res_tree, conj, src = self.res_tree, self.conj, self.res_src
-
-        def bwd(computed, saved, ct):
-            # Residuals that are inputs (or the output) come from torch's saved
-            # tensors instead of being written out again by the forward; small
-            # ones are slices of a packed array.
-            leaves = []
-            for kind, j, *packed in src:
-                if kind == "s":
-                    leaves.append(saved[j])
-                elif kind == "r":
-                    leaves.append(computed[j])
-                else:
-                    start, shape = packed
-                    flat = jax.lax.slice(computed[j], (start,), (start + math.prod(shape),))
-                    leaves.append(flat.reshape(shape))
-            vjp_fn = jax.tree_util.tree_unflatten(res_tree, leaves)
-            if conj:  # torch's complex gradient convention is the conjugate of JAX's
-                return [jnp.conj(g) for g in vjp_fn(jnp.conj(ct))]
-            return list(vjp_fn(ct))
-
         with _x64_ctx(self.x64):
             return (
-                jax.jit(bwd, keep_unused=True)
+                jax.jit(self._vjp, keep_unused=True)
                 .trace(self.res_specs, self.saved_specs, self.ct_spec)
                 .lower()
             )
@@ -774,6 +756,63 @@ class _Entry:
             with _x64_ctx(self.x64):
                 self.bwd = lowered.compile()
         return self.bwd
+
+    def batched_backward(self, bdims: tuple[int, ...], ct_shape: tuple[int, ...]) -> Any:
+        """The compiled VJP of a cotangent batched by torch.func.vmap.
+
+        ``bdims``: the batch dimension of each vmap level in the order the
+        wrappers are peeled (the innermost ``vmap`` first; each indexes the
+        tensor under its wrapper, which still holds the outer levels' batch
+        dimensions); ``ct_shape``: the shape of the tensor under all of them.
+        The gradients come back with the batch dimensions in front, the
+        outermost ``vmap``'s first. Compiled once per ``bdims`` and shape, on
+        the client that holds the residuals.
+        """
+        key = (bdims, ct_shape)
+        cache = self.batched_bwd
+        if cache is None:
+            cache = self.batched_bwd = {}
+        if key not in cache:
+            fn = self._vjp
+            for bdim in bdims:  # the first level peeled is the innermost vmap
+                fn = jax.vmap(fn, in_axes=(None, None, bdim))
+            ct_spec = jax.ShapeDtypeStruct(ct_shape, self.ct_spec.dtype)
+            with _x64_ctx(self.x64):
+                lowered = (
+                    jax.jit(fn, keep_unused=True)
+                    .trace(self.res_specs, self.saved_specs, ct_spec)
+                    .lower()
+                )
+                if self.jdev is _INLINE.device and self.jdev is not None:
+                    compiled = _INLINE.compile(lowered)
+                    if compiled is None:  # pragma: no cover - the plain VJP compiled inline
+                        raise RuntimeError(_NO_VMAP)
+                else:
+                    compiled = lowered.compile()
+            cache[key] = compiled
+        return cache[key]
+
+    def _vjp(self, computed, saved, ct):
+        """The VJP from the forward's residual arrays (traced, never called eagerly)."""
+        res_tree, conj, src = self.res_tree, self.conj, self.res_src
+
+        # Residuals that are inputs (or the output) come from torch's saved
+        # tensors instead of being written out again by the forward; small
+        # ones are slices of a packed array.
+        leaves = []
+        for kind, j, *packed in src:
+            if kind == "s":
+                leaves.append(saved[j])
+            elif kind == "r":
+                leaves.append(computed[j])
+            else:
+                start, shape = packed
+                flat = jax.lax.slice(computed[j], (start,), (start + math.prod(shape),))
+                leaves.append(flat.reshape(shape))
+        vjp_fn = jax.tree_util.tree_unflatten(res_tree, leaves)
+        if conj:  # torch's complex gradient convention is the conjugate of JAX's
+            return [jnp.conj(g) for g in vjp_fn(jnp.conj(ct))]
+        return list(vjp_fn(ct))
 
 
 _entries: dict[Any, _Entry] = {}
@@ -1055,17 +1094,56 @@ def _backward_entry(ctx, grad: torch.Tensor):
             result = _backward(ctx, grad)
             _once_differentiable(result, (grad, *saved))
         return (None, *result)
-    if _is_batched(grad):  # the backward of vjp under vmap (jacrev)
-        raise RuntimeError(_NO_VMAP)
     if _differentiating_levels() > 1:
         # torch.func.grad of torch.func.grad (or jacrev of grad, ...): the
         # outer transform would differentiate our gradients, constants to it.
         raise RuntimeError(_DOUBLE_BACKWARD.decode())
+    if _is_batched(grad):  # vmap over grad (per-sample gradients) or jacrev
+        if any(map(_is_batched, saved)):  # pragma: no cover - the forward refused
+            raise RuntimeError(_NO_VMAP)
+        return (None, *_backward_batched(ctx, grad, saved))
     # torch.func.grad always builds a graph, as create_graph=True does.
     with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
         result = _backward(ctx, grad)
         _once_differentiable(result, (grad, *saved))
     return (None, *result)
+
+
+def _backward_batched(ctx, grad: torch.Tensor, saved) -> list[torch.Tensor | None]:
+    """The backward for a cotangent batched by torch.func.vmap, the weights not.
+
+    Per-sample gradients (``vmap(grad(loss), in_dims=(None, 0, ...))``) and
+    ``jacrev`` batch the cotangent only: one compiled ``jax.vmap`` of the VJP
+    computes every sample's gradients, which go back to torch batched at the
+    same levels.
+    """
+    levels: list[tuple[int, int]] = []  # (level, bdim), outermost first
+    t = grad
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            levels.append((_functorch.maybe_get_level(t), _functorch.maybe_get_bdim(t)))
+        t = _functorch.get_unwrapped(t)
+    entry: _Entry = ctx.entry
+    with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
+        t = t.contiguous()
+        bwd = entry.batched_backward(tuple(b for _, b in levels), tuple(t.shape))
+        ct = _import(t, entry.jdev)
+        inputs = ctx.saved_views
+        _recent_inputs.append((ct, inputs))
+        with _x64_ctx(entry.x64):
+            grads = bwd(ctx.residuals, inputs, ct)
+        needs = ctx.needs_input_grad
+        result: list[torch.Tensor | None] = [None] * (len(needs) - 1)
+        for i, g in zip(entry.diff_pos, grads, strict=True):
+            if needs[i + 1]:
+                result[i] = _export(g, entry.cpu)
+        _once_differentiable(result, (grad, *saved))
+    for i, r in enumerate(result):
+        if r is not None:
+            for level, _ in reversed(levels):  # innermost level first
+                r = _functorch._add_batch_dim(r, 0, level)
+            result[i] = r
+    return result
 
 
 class _JaxFunction(torch.autograd.Function):
@@ -1145,9 +1223,10 @@ _DOUBLE_BACKWARD = (
 
 
 _NO_VMAP = (
-    "JAX parametrizations do not support torch.func.vmap, nor the transforms built on "
-    "it (jacrev, jacfwd, hessian, vmap over grad). torch.func.grad, torch.func.vjp and "
-    "torch.func.functional_call work; for per-example results, loop over the batch."
+    "JAX parametrizations do not support torch.func.vmap over their weights (or "
+    "buffers): the weights must be the same for the whole batch. vmap over the "
+    "inputs works, as do per-sample gradients (vmap over torch.func.grad with "
+    "in_dims=None for the parameters) and jacrev; for a batch of weights, loop."
 )
 
 

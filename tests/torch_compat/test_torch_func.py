@@ -1,9 +1,10 @@
 """torch.func with JAX parametrizations, side by side with torch's own parametrize.
 
-``torch.func.functional_call``, ``torch.func.grad`` and ``torch.func.vjp`` give
-torch's numbers; what the bridge cannot do (higher-order gradients through a
-JAX link, ``vmap`` over its inputs, forward-mode AD through its weights)
-raises a clear error instead of a wrong value.
+``torch.func.functional_call`` with ``grad``, ``vjp``, per-sample gradients
+(``vmap`` over ``grad``) and ``jacrev`` give torch's numbers; what the bridge
+cannot do (higher-order gradients through a JAX link, ``vmap`` over its
+weights, forward-mode AD through them) raises a clear error instead of a
+wrong value.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.utils.parametrize as torch_P
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import torch_compat.parametrize as compat_P
+from torch_compat import _bridge
 from torch_compat import parametrizations as compat_builtins
 
 DOUBLE = "do not support double backward"
@@ -159,7 +161,44 @@ def test_vmap_over_inputs_matches_torch():
     torch.testing.assert_close(out["compat"], out["torch"], rtol=1e-10, atol=1e-10)
 
 
-def test_vmap_over_originals_and_jacrev_raise_clearly(x):
+@pytest.mark.parametrize("client", ["inline", "jax"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_sample_gradients_and_jacrev_match_torch(kind, client, monkeypatch):
+    """vmap over grad with the parameters unbatched (torch's per-sample-gradients
+    recipe), at one and two vmap levels and a batch dimension that is not first,
+    and jacrev: the cotangent is batched, the weights are not."""
+    if client == "inline" and _bridge._INLINE.get() is None:
+        pytest.skip("no inline CPU client on this platform")
+    monkeypatch.setattr(_bridge, "_entries", {})  # compile afresh, on the chosen client
+    if client == "jax":
+        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", -1.0)
+    torch.manual_seed(2)
+    xs, ys = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    got = {}
+    for side in ("torch", "compat"):
+        m = _build(side, kind)
+        params, bufs = _params(m), dict(m.named_buffers())
+
+        def loss(p, x, y, m=m, bufs=bufs):
+            return (functional_call(m, (p, bufs), (x[None],)) - y).pow(2).sum()
+
+        per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+        got[side] = [
+            per_sample(params, xs, ys),
+            vmap(per_sample, in_dims=(None, 0, 0))(params, xs.view(2, 3, 4), ys.view(2, 3, 3)),
+            vmap(vmap(grad(loss), in_dims=(None, 1, 1)), in_dims=(None, 0, 0))(
+                params, xs.view(2, 3, 4).transpose(1, 2), ys.view(2, 3, 3).transpose(1, 2)
+            ),
+            jacrev(lambda p, m=m, bufs=bufs: functional_call(m, (p, bufs), (xs,)))(params),
+            {k: v.clone() for k, v in bufs.items()},  # spectral norm's u and v, updated
+        ]
+    for got_c, got_t in zip(got["compat"], got["torch"], strict=True):
+        _assert_close(got_c, got_t)
+    assert _bridge._entries
+    assert all((e.jdev is None) == (client == "jax") for e in _bridge._entries.values())
+
+
+def test_vmap_over_originals_raises_clearly(x):
     m = _build("compat", "weight_norm")
     params = _params(m)
     stacked = {k: torch.stack([v, 2 * v]) for k, v in params.items()}
@@ -168,7 +207,7 @@ def test_vmap_over_originals_and_jacrev_raise_clearly(x):
     with torch.no_grad(), pytest.raises(RuntimeError, match=NO_VMAP):
         vmap(lambda p: functional_call(m, p, (x,)))(stacked)
     with pytest.raises(RuntimeError, match=NO_VMAP):
-        jacrev(lambda p: functional_call(m, p, (x,)))(params)
+        vmap(grad(lambda p: functional_call(m, p, (x,)).sum()))(stacked)
     # Nothing was left half-done: the module still works as before.
     m(x).sum().backward()
 
@@ -207,3 +246,35 @@ def test_forward_mode_through_the_weights_raises_clearly(x):
                 functional_call(m, {**params, name: dual}, (x,))
     # Nothing was left half-done: the module still works as before.
     m(x).sum().backward()
+
+
+@pytest.mark.parametrize("bdims", [(0, 0), (1, 0), (0, 2), (2, 1)])
+def test_batched_backward_nests_the_levels_in_torch_order(bdims):
+    """torch gives vmap's cotangents with the batch dimension first in every case
+    we could build, so the nesting is checked directly: ``bdims[0]`` (the
+    innermost vmap, peeled first) indexes the tensor under its wrapper, which
+    still holds the outer level's batch dimension at ``bdims[1]``."""
+    _bridge._entries.clear()
+    m = _build("compat", "two_originals")
+    m.weight.pow(2).sum().backward()  # compiles the chain, with grad
+    (entry,) = [e for e in _bridge._entries.values() if e.res_specs is not None]
+    originals = [p.detach() for p in m.parametrizations.weight.parameters()]
+    a, b = (_bridge._import(o, entry.jdev) for o in originals)
+    out = entry.compiled(a, b)
+    views = [[a, b][i] for i in entry.diff_pos] + [out[0]]
+    saved = [views[j] for j in entry.saved_used]
+    outer, inner = 2, 3
+    sample = torch.randn(3, 4, dtype=torch.float64)
+    cts = torch.randn(outer, inner, *sample.shape, dtype=torch.float64)  # [i, j] -> sample
+    t1 = [cts[i].movedim(0, bdims[0]) for i in range(outer)]  # under the outer wrapper
+    t0 = torch.stack(t1).movedim(0, bdims[1]).contiguous()
+    batched = entry.batched_backward(bdims, tuple(t0.shape))
+    got = batched(out[2], saved, _bridge._import(t0, entry.jdev))
+    plain = entry.backward()
+    for i in range(outer):
+        for j in range(inner):
+            want = plain(out[2], saved, _bridge._import(cts[i, j].contiguous(), entry.jdev))
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(
+                    _bridge.to_torch(g)[i, j], _bridge.to_torch(w), rtol=1e-12, atol=1e-12
+                )
