@@ -36,9 +36,10 @@ In plain words:
   through ``_JaxFunctionInTransforms`` (the ``setup_context`` form they
   require), so ``functional_call`` with ``grad`` and ``vjp`` works. A
   cotangent batched by ``vmap`` (per-sample gradients, ``jacrev``) runs one
-  compiled ``jax.vmap`` of the VJP. ``vmap`` over the chain's inputs and
-  forward-mode AD through them raise, never drop a batch dimension or a
-  tangent.
+  compiled ``jax.vmap`` of the VJP. ``vmap`` over the chain's inputs (model
+  ensembling) runs the chain as a new entry, itself under ``jax.vmap``
+  (``_batched_entry``), through the Function's ``vmap`` rule. Forward-mode AD
+  through the chain raises, never drops a tangent.
 * Accepted dtypes: float16, bfloat16, float32, float64, complex64, complex128
   (differentiable), and int8/16/32/64, uint8, bool (passed through, never
   differentiated). Anything else (complex32, float8, quantized, ...) raises
@@ -734,6 +735,11 @@ class _Entry:
         "bwd",
         "jdev",
         "batched_bwd",
+        "key",
+        "core",
+        "n_x",
+        "param_pos",
+        "name",
     )
 
     def __init__(self, **kw):
@@ -786,7 +792,7 @@ class _Entry:
                 if self.jdev is _INLINE.device and self.jdev is not None:
                     compiled = _INLINE.compile(lowered)
                     if compiled is None:  # pragma: no cover - the plain VJP compiled inline
-                        raise RuntimeError(_NO_VMAP)
+                        raise RuntimeError(f"{self.name}: its batched VJP did not compile.")
                 else:
                     compiled = lowered.compile()
             cache[key] = compiled
@@ -913,6 +919,41 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
         buf_pos.extend(range(pos, pos + len(bufs)))
         pos += len(bufs)
     core = _fused(applies, n_x, layout)
+    return _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad, _chain_name(links))
+
+
+def _batched_entry(entry: _Entry, in_axes: tuple[int | None, ...], tensors, grad: bool) -> _Entry:
+    """``entry``'s chain under ``jax.vmap`` with ``in_axes`` (one per tensor), for
+    torch.func.vmap over its inputs; the output's batch dimension comes first."""
+    avals = tuple((t.shape, t.dtype, t.device) for t in tensors)
+    key = ("vmap", entry.key, in_axes, avals, grad)
+    batched = _entries.get(key)
+    if batched is not None:
+        return batched
+    core, buf_pos = entry.core, entry.buf_pos
+
+    def vmapped(flat):
+        changed: list[bool] = []
+
+        def one(*f):
+            y, new_bufs = core(list(f))
+            # Trace time: an unchanged buffer comes back as the very same tracer.
+            changed.extend(n is not f[i] for n, i in zip(new_bufs, buf_pos, strict=True))
+            return y
+
+        y = jax.vmap(one, in_axes=in_axes)(*flat)
+        if any(changed):
+            raise RuntimeError(_NO_VMAP_BUFFERS.format(name=entry.name))
+        return y, [flat[i] for i in buf_pos]
+
+    with _lock:
+        return _compile_entry(
+            key, vmapped, entry.n_x, entry.param_pos, buf_pos, tensors, grad, entry.name
+        )
+
+
+def _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad: bool, name: str) -> _Entry:
+    """Traces and compiles the chain ``core`` (flat inputs -> output, new buffers)."""
     dtypes = [t.dtype for t in tensors]
     diff_pos = tuple(i for i in [*range(n_x), *param_pos] if dtypes[i] in _INEXACT)  # never buffers
     complex_pos = tuple(i for i in diff_pos if dtypes[i] in _COMPLEX)
@@ -988,6 +1029,11 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
         saved_used=tuple(used),
         saved_specs=[all_saved[j] for j in used],
         ct_spec=ct_spec[0] if ct_spec else None,
+        key=key,
+        core=core,
+        n_x=n_x,
+        param_pos=tuple(param_pos),
+        name=name,
     )
     if entry.cpu and _INLINE.get() is not None and _is_cheap(lowered):
         # Forward and backward both inline, or neither: the residuals live on the
@@ -1000,7 +1046,7 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
     if entry.compiled is None:
         with _x64_ctx(x64):
             entry.compiled = lowered.compile()
-        _check_compiled(entry.compiled, _chain_name(links))
+        _check_compiled(entry.compiled, name)
     _entries[key] = entry
     return entry
 
@@ -1099,8 +1145,8 @@ def _backward_entry(ctx, grad: torch.Tensor):
         # outer transform would differentiate our gradients, constants to it.
         raise RuntimeError(_DOUBLE_BACKWARD.decode())
     if _is_batched(grad):  # vmap over grad (per-sample gradients) or jacrev
-        if any(map(_is_batched, saved)):  # pragma: no cover - the forward refused
-            raise RuntimeError(_NO_VMAP)
+        if any(map(_is_batched, saved)):  # pragma: no cover - setup_context refused
+            raise RuntimeError(_NO_VMAP_OF_GRAD)
         return (None, *_backward_batched(ctx, grad, saved))
     # torch.func.grad always builds a graph, as create_graph=True does.
     with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
@@ -1179,14 +1225,21 @@ class _JaxFunctionInTransforms(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         entry, *tensors = inputs
-        y, out, arrays = _last_run.value
-        if _innermost(output) is not y:  # pragma: no cover - torch calls forward first
-            raise RuntimeError("torch_compat: setup_context without its forward")
+        run = _last_run.value
+        if run is None or _innermost(output) is not run[0]:
+            # torch ran the vmap rule below this grad level, not the forward:
+            # torch.func.grad inside vmap over a batch of weights.
+            raise RuntimeError(_NO_VMAP_OF_GRAD)
+        y, out, arrays = run
         _setup(ctx, entry, tensors, output, out, arrays)
 
     @staticmethod
     def vmap(info, in_dims, entry, *tensors):  # type: ignore[override]
-        raise RuntimeError(_NO_VMAP)
+        # torch.func.vmap over some of the chain's inputs (a stack of weights):
+        # the same chain under jax.vmap, called on the tensors one level down
+        # (torch calls this once per vmap level, and autograd records the call).
+        batched = _batched_entry(entry, tuple(in_dims[1:]), tensors, _needs_grad(tensors))
+        return _call(batched, tensors), 0
 
     backward = staticmethod(_backward_entry)
 
@@ -1222,11 +1275,18 @@ _DOUBLE_BACKWARD = (
 )
 
 
-_NO_VMAP = (
-    "JAX parametrizations do not support torch.func.vmap over their weights (or "
-    "buffers): the weights must be the same for the whole batch. vmap over the "
-    "inputs works, as do per-sample gradients (vmap over torch.func.grad with "
-    "in_dims=None for the parameters) and jacrev; for a batch of weights, loop."
+_NO_VMAP_OF_GRAD = (
+    "torch.func.grad (or vjp, jacrev) inside torch.func.vmap over a batch of weights "
+    "is not supported through JAX parametrizations. Differentiate the vmapped loss "
+    "instead: `grad(lambda p: vmap(loss)(p, ...).sum())(stacked_params)` gives every "
+    "member of the batch its own gradient (and so does `.backward()` on that sum)."
+)
+
+_NO_VMAP_BUFFERS = (
+    "torch.func.vmap over the inputs of {name}: it updates its buffers "
+    "(spectral_norm's power iteration in training mode), and one buffer cannot take "
+    "a batch of updates. Call `module.eval()` first (torch's own spectral_norm "
+    "cannot be vmapped in training mode either)."
 )
 
 
@@ -1315,23 +1375,35 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
     transforms = torch._C._are_functorch_transforms_active()
     if transforms or _fwad._current_level >= 0:
         _refuse_forward_ad(tensors, transforms)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    grad = _needs_grad(tensors)
     entry = _get_entry(links, tensors, grad)
-    if not grad and transforms and any(_functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-        # Under torch.func.grad, a tensor that is not differentiated (a buffer)
-        # is a wrapper: the JAX call reads the tensor underneath.
-        if any(_is_batched(t) for t in tensors):
-            raise RuntimeError(_NO_VMAP)
-        with _pyfunctorch.temporarily_clear_interpreter_stack():
-            return _run(entry, [_innermost(t) for t in tensors])[0]
-    if grad:
-        if not transforms:
-            return _JaxFunction.apply(entry, *tensors)
+    if grad and not transforms:
+        return _JaxFunction.apply(entry, *tensors)
+    if not grad and not transforms:
+        return _run(entry, tensors)[0]
+    return _call(entry, tensors)
+
+
+def _needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _call(entry: _Entry, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Runs ``entry`` on ``tensors``, with autograd when they need it, inside
+    torch.func's transforms or not."""
+    grad = _needs_grad(tensors)
+    if not torch._C._are_functorch_transforms_active():
+        return _JaxFunction.apply(entry, *tensors) if grad else _run(entry, tensors)[0]
+    if grad or any(map(_is_batched, tensors)):
+        # torch.func's levels: the vmap rule and the forward are torch's to call.
         try:
             return _JaxFunctionInTransforms.apply(entry, *tensors)
         finally:
             _last_run.value = None  # every setup_context has run
-    return _run(entry, tensors)[0]
+    # Under torch.func.grad, a tensor that is not differentiated (a buffer) is a
+    # wrapper: the JAX call reads the tensor underneath.
+    with _pyfunctorch.temporarily_clear_interpreter_stack():
+        return _run(entry, [_innermost(t) for t in tensors])[0]
 
 
 _call_entries: dict[Any, Any] = {}

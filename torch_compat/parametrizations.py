@@ -58,6 +58,8 @@ def _none_at_matmul() -> TypeError:
 class _Orthogonal(_bridge._JaxLink):
     """torch's ``_Orthogonal`` link; the maps are `jaxparam.functional.orthogonal`."""
 
+    parametrization_name = "_Orthogonal"  # torch's class name, for messages
+
     base: Tensor
 
     def __init__(
@@ -237,6 +239,8 @@ def _check_norm_input(weight: Tensor, dim: int) -> None:
 class _WeightNorm(_bridge._JaxLink):
     """torch's ``_WeightNorm`` link; the math is `jaxparam.functional.weight_norm`."""
 
+    parametrization_name = "_WeightNorm"  # torch's class name, for messages
+
     def __init__(self, dim: int | None = 0) -> None:
         super().__init__()
         if dim is None:
@@ -338,6 +342,8 @@ def _sn_warmup(weight_mat, u, v, *, eps: float):
 
 class _SpectralNorm(_bridge._JaxLink):
     """torch's ``_SpectralNorm`` link; the math is `jaxparam.functional.spectral_norm`."""
+
+    parametrization_name = "_SpectralNorm"  # torch's class name, for messages
 
     def __init__(
         self,

@@ -1,10 +1,10 @@
 """torch.func with JAX parametrizations, side by side with torch's own parametrize.
 
 ``torch.func.functional_call`` with ``grad``, ``vjp``, per-sample gradients
-(``vmap`` over ``grad``) and ``jacrev`` give torch's numbers; what the bridge
-cannot do (higher-order gradients through a JAX link, ``vmap`` over its
-weights, forward-mode AD through them) raises a clear error instead of a
-wrong value.
+(``vmap`` over ``grad``), ``jacrev`` and model ensembling (``vmap`` over stacked
+weights) give torch's numbers; what the bridge cannot do (higher-order
+gradients through a JAX link, ``grad`` inside ``vmap`` over weights,
+forward-mode AD through them) raises a clear error instead of a wrong value.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from torch_compat import _bridge
 from torch_compat import parametrizations as compat_builtins
 
 DOUBLE = "do not support double backward"
-NO_VMAP = "do not support torch.func.vmap"
 NO_FORWARD_AD = "do not support forward-mode AD"
 
 
@@ -198,17 +197,80 @@ def test_per_sample_gradients_and_jacrev_match_torch(kind, client, monkeypatch):
     assert all((e.jdev is None) == (client == "jax") for e in _bridge._entries.values())
 
 
-def test_vmap_over_originals_raises_clearly(x):
-    m = _build("compat", "weight_norm")
-    params = _params(m)
-    stacked = {k: torch.stack([v, 2 * v]) for k, v in params.items()}
-    with pytest.raises(RuntimeError, match=NO_VMAP):
-        vmap(lambda p: functional_call(m, p, (x,)))(stacked)
-    with torch.no_grad(), pytest.raises(RuntimeError, match=NO_VMAP):
-        vmap(lambda p: functional_call(m, p, (x,)))(stacked)
-    with pytest.raises(RuntimeError, match=NO_VMAP):
-        vmap(grad(lambda p: functional_call(m, p, (x,)).sum()))(stacked)
-    # Nothing was left half-done: the module still works as before.
+def _ensemble(side: str, kind: str, n: int = 3, dim: int = 0):
+    """``n`` models stacked along ``dim`` (torch's model-ensembling recipe), and
+    the model whose structure functional_call uses."""
+    members = [_build(side, kind) for _ in range(n)]
+    for i, m in enumerate(members):  # distinct members, the same on both sides
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1 + 0.25 * i)
+    m = members[0].eval()  # spectral norm: torch cannot vmap its training update
+    for member in members:
+        member.eval()
+    params = {
+        k: torch.stack([dict(mm.named_parameters())[k].detach() for mm in members], dim)
+        for k, _ in m.named_parameters()
+    }
+    buffers = {
+        k: torch.stack([dict(mm.named_buffers())[k] for mm in members], dim)
+        for k, _ in m.named_buffers()
+    }
+    return m, params, buffers
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_ensembling_matches_torch(kind, x):
+    """vmap over stacked weights: forward with and without grad, the batch of
+    weights along another dimension, vmap over weights and inputs together,
+    and each member's gradient through grad of the summed loss and through
+    .backward()."""
+    got = {}
+    for side in ("torch", "compat"):
+        m, params, buffers = _ensemble(side, kind)
+
+        def f(p, b, xx, m=m):
+            return functional_call(m, (p, b), (xx,))
+
+        ens = vmap(f, in_dims=(0, 0, None))
+        out = [ens(params, buffers, x)]
+        with torch.no_grad():
+            out.append(ens(params, buffers, x))
+        _, params1, buffers1 = _ensemble(side, kind, dim=1)
+        out.append(vmap(f, in_dims=(1, 1, None))(params1, buffers1, x))
+        xs = torch.stack([x, 2 * x])
+        out.append(
+            vmap(vmap(f, in_dims=(None, None, 0)), in_dims=(0, 0, None))(params, buffers, xs)
+        )
+        g = grad(lambda p, ens=ens, b=buffers: ens(p, b, x).pow(2).sum())(params)
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        ens(leaves, buffers, x).pow(2).sum().backward()
+        got[side] = (
+            {str(i): o for i, o in enumerate(out)},
+            g,
+            {k: v.grad for k, v in leaves.items()},
+        )
+    for got_c, got_t in zip(got["compat"], got["torch"], strict=True):
+        _assert_close(got_c, got_t)
+
+
+def test_vmap_limits_raise_clearly(x):
+    m, params, buffers = _ensemble("compat", "spectral_norm")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+
+    def loss(p, b):
+        return functional_call(m, (p, b), (x,)).pow(2).sum()
+
+    with pytest.raises(RuntimeError, match="inside torch.func.vmap over a batch of weights"):
+        vmap(grad(loss))(params, buffers)
+    m.train()  # spectral norm's power iteration cannot take a batch of updates
+    for no_grad in (False, True):
+        with torch.set_grad_enabled(not no_grad):
+            with pytest.raises(RuntimeError, match=r"`_SpectralNorm`: it updates its buffers"):
+                vmap(loss)(params, buffers)
+    # Nothing was left half-done: the module is as it was, and still works.
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     m(x).sum().backward()
 
 
