@@ -28,6 +28,9 @@ TINY = {
     "bench_mechanism": ["--width", "16", "--batch", "4", "--repeat", "1", "--number", "1"],
     "bench_nnx_overhead": ["--width", "16", "--batch", "4", "--repeat", "1", "--number", "1"],
     "bench_functional": ["--sizes", "8", "--norm-size", "8", "--warmup", "1", "--repeats", "1"],
+    "bench_torch_func": [
+        *("--width", "8", "--batch", "3", "--members", "2", "--repeat", "1", "--number", "1"),
+    ],
     "bench_bridge": [
         *("--size", "4", "--iters", "2", "--warmup", "1", "--repeats", "1", "--width", "16"),
         *("--batch", "4", "--mlp-steps", "1", "--mlp-warmup", "1"),

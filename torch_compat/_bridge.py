@@ -789,7 +789,7 @@ class _Entry:
                     .trace(self.res_specs, self.saved_specs, ct_spec)
                     .lower()
                 )
-                if self.jdev is _INLINE.device and self.jdev is not None:
+                if self.jdev is not None:  # the inline client holds the residuals
                     compiled = _INLINE.compile(lowered)
                     if compiled is None:  # pragma: no cover - the plain VJP compiled inline
                         raise RuntimeError(f"{self.name}: its batched VJP did not compile.")
@@ -1163,30 +1163,20 @@ def _backward_batched(ctx, grad: torch.Tensor, saved) -> list[torch.Tensor | Non
     computes every sample's gradients, which go back to torch batched at the
     same levels.
     """
-    levels: list[tuple[int, int]] = []  # (level, bdim), outermost first
+    levels: list[tuple[int, int]] = []  # (level, bdim) as peeled: the innermost vmap first
     t = grad
     while _functorch.is_functorch_wrapped_tensor(t):
         if _functorch.is_batchedtensor(t):
             levels.append((_functorch.maybe_get_level(t), _functorch.maybe_get_bdim(t)))
         t = _functorch.get_unwrapped(t)
-    entry: _Entry = ctx.entry
     with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
         t = t.contiguous()
-        bwd = entry.batched_backward(tuple(b for _, b in levels), tuple(t.shape))
-        ct = _import(t, entry.jdev)
-        inputs = ctx.saved_views
-        _recent_inputs.append((ct, inputs))
-        with _x64_ctx(entry.x64):
-            grads = bwd(ctx.residuals, inputs, ct)
-        needs = ctx.needs_input_grad
-        result: list[torch.Tensor | None] = [None] * (len(needs) - 1)
-        for i, g in zip(entry.diff_pos, grads, strict=True):
-            if needs[i + 1]:
-                result[i] = _export(g, entry.cpu)
+        bwd = ctx.entry.batched_backward(tuple(b for _, b in levels), tuple(t.shape))
+        result = _backward(ctx, t, bwd)
         _once_differentiable(result, (grad, *saved))
     for i, r in enumerate(result):
         if r is not None:
-            for level, _ in reversed(levels):  # innermost level first
+            for level, _ in reversed(levels):  # the outermost vmap (lowest level) first
                 r = _functorch._add_batch_dim(r, 0, level)
             result[i] = r
     return result
@@ -1326,13 +1316,15 @@ def _differentiating_levels() -> int:
     )
 
 
-def _backward(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
-    """The compiled VJP on the forward's residuals: one gradient per input tensor."""
+def _backward(ctx, grad: torch.Tensor, bwd: Any = None) -> list[torch.Tensor | None]:
+    """The compiled VJP (``bwd``, by default the entry's) on the forward's
+    residuals: one gradient per input tensor."""
     entry: _Entry = ctx.entry
     if not grad.is_contiguous():
         grad = grad.contiguous()
     ct = _import(grad, entry.jdev)
-    bwd = entry.backward()
+    if bwd is None:
+        bwd = entry.backward()
     inputs = ctx.saved_views
     _recent_inputs.append((ct, inputs))
     with _x64_ctx(entry.x64):
@@ -1384,6 +1376,40 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
     return _call(entry, tensors)
 
 
+def _run_vmapped(entry: _Entry, tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Runs ``entry`` without grad on tensors batched by torch.func.vmap.
+
+    What ``_JaxFunctionInTransforms``'s vmap rule does, without torch's
+    Function machinery (about 100 us a call): each vmap level, from the top,
+    becomes a ``jax.vmap`` of the chain, and the output is batched again at the
+    same levels. ``None`` when a tensor is wrapped by another transform (grad),
+    or one under the wrappers requires grad (``.backward()`` around ``vmap``):
+    then the Function goes through torch's levels.
+    """
+    level = max(_functorch.maybe_get_level(t) for t in tensors)
+    in_axes, inner = [], []
+    for t in tensors:
+        if _functorch.is_functorch_wrapped_tensor(t) and _functorch.maybe_get_level(t) == level:
+            if not _functorch.is_batchedtensor(t):
+                return None
+            in_axes.append(_functorch.maybe_get_bdim(t))
+            inner.append(_functorch.get_unwrapped(t))
+        else:
+            in_axes.append(None)
+            inner.append(t)
+    if not any(map(_functorch.is_functorch_wrapped_tensor, inner)) and _needs_grad(inner):
+        return None  # torch autograd around vmap: the Function records the call
+    batched = _batched_entry(entry, tuple(in_axes), inner, False)
+    if any(map(_functorch.is_functorch_wrapped_tensor, inner)):
+        y = _run_vmapped(batched, inner)
+        if y is None:
+            return None
+    else:
+        with _pyfunctorch.temporarily_clear_interpreter_stack():
+            y = _run(batched, inner)[0]
+    return _functorch._add_batch_dim(y, 0, level)
+
+
 def _needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -1394,6 +1420,10 @@ def _call(entry: _Entry, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     grad = _needs_grad(tensors)
     if not torch._C._are_functorch_transforms_active():
         return _JaxFunction.apply(entry, *tensors) if grad else _run(entry, tensors)[0]
+    if not grad and any(map(_is_batched, tensors)):
+        y = _run_vmapped(entry, tensors)
+        if y is not None:
+            return y
     if grad or any(map(_is_batched, tensors)):
         # torch.func's levels: the vmap rule and the forward are torch's to call.
         try:
