@@ -38,7 +38,9 @@ In plain words:
   cotangent batched by ``vmap`` (per-sample gradients, ``jacrev``) runs one
   compiled ``jax.vmap`` of the VJP. ``vmap`` over the chain's inputs (model
   ensembling) runs the chain as a new entry, itself under ``jax.vmap``
-  (``_batched_entry``), through the Function's ``vmap`` rule. Forward-mode AD
+  (``_batched_entry``), through the Function's ``vmap`` rule, or
+  ``_run_vmapped`` without grad; ``grad`` inside such a ``vmap`` re-runs it
+  with residuals in ``setup_context`` (``_setup_vmapped``). Forward-mode AD
   through the chain raises, never drops a tangent.
 * Accepted dtypes: float16, bfloat16, float32, float64, complex64, complex128
   (differentiable), and int8/16/32/64, uint8, bool (passed through, never
@@ -1144,8 +1146,10 @@ def _backward_entry(ctx, grad: torch.Tensor):
         # torch.func.grad of torch.func.grad (or jacrev of grad, ...): the
         # outer transform would differentiate our gradients, constants to it.
         raise RuntimeError(_DOUBLE_BACKWARD.decode())
+    if getattr(ctx, "vmapped", None) is not None:  # grad inside vmap over the weights
+        return (None, *_backward_vmapped(ctx, grad, saved))
     if _is_batched(grad):  # vmap over grad (per-sample gradients) or jacrev
-        if any(map(_is_batched, saved)):  # pragma: no cover - setup_context refused
+        if any(map(_is_batched, saved)):  # pragma: no cover - setup_context took it
             raise RuntimeError(_NO_VMAP_OF_GRAD)
         return (None, *_backward_batched(ctx, grad, saved))
     # torch.func.grad always builds a graph, as create_graph=True does.
@@ -1153,6 +1157,67 @@ def _backward_entry(ctx, grad: torch.Tensor):
         result = _backward(ctx, grad)
         _once_differentiable(result, (grad, *saved))
     return (None, *result)
+
+
+def _setup_vmapped(ctx, entry: _Entry, tensors: Sequence[torch.Tensor], output) -> None:
+    """``setup_context`` for torch.func.grad inside vmap over the chain's inputs.
+
+    torch ran the vmap rule (without grad: it cannot see the grad level above)
+    and hands this grad level the batched inputs and output. The chain runs
+    again as a grad entry under ``jax.vmap``, for its residuals; unbatched
+    differentiable inputs are expanded along the batch, so that each member of
+    the batch gets its own gradient. One vmap level directly under the grad.
+    """
+    level, in_axes, inner = None, [], []
+    for t in tensors:
+        while _functorch.is_functorch_wrapped_tensor(t) and not _functorch.is_batchedtensor(t):
+            t = _functorch.get_unwrapped(t)  # this grad level's own wrapper
+        if not _functorch.is_functorch_wrapped_tensor(t):
+            in_axes.append(None)
+            inner.append(t)
+            continue
+        u = _functorch.get_unwrapped(t)
+        if level not in (None, _functorch.maybe_get_level(t)) or (
+            _functorch.is_functorch_wrapped_tensor(u)
+        ):
+            raise RuntimeError(_NO_VMAP_OF_GRAD)
+        level = _functorch.maybe_get_level(t)
+        in_axes.append(_functorch.maybe_get_bdim(t))
+        inner.append(u)
+    if level is None:  # pragma: no cover - torch calls the vmap rule only when batched
+        raise RuntimeError(_NO_VMAP_OF_GRAD)
+    size = next(u.shape[a] for u, a in zip(inner, in_axes, strict=True) if a is not None)
+    for i in entry.diff_pos:
+        if in_axes[i] is None:
+            inner[i] = inner[i].expand(size, *inner[i].shape).contiguous()
+            in_axes[i] = 0
+    with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
+        batched = _batched_entry(entry, tuple(in_axes), inner, True)
+        _y, out, arrays = _run(batched, inner)
+    _setup(ctx, batched, tensors, output, out, arrays)
+    ctx.vmapped = (level, tuple(in_axes), size)
+
+
+def _backward_vmapped(ctx, grad: torch.Tensor, saved) -> list[torch.Tensor | None]:
+    """The backward of `_setup_vmapped`: the batched entry's VJP, its gradients
+    batched again at the vmap level (one per member, shared inputs included)."""
+    level, in_axes, size = ctx.vmapped
+    t, bdim = grad, None
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            if bdim is not None or _functorch.maybe_get_level(t) != level:
+                raise RuntimeError(_NO_VMAP_OF_GRAD)
+            bdim = _functorch.maybe_get_bdim(t)
+        t = _functorch.get_unwrapped(t)
+    with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
+        # The batched entry's output has the batch first.
+        t = t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
+        result = _backward(ctx, t.contiguous())
+        _once_differentiable(result, (grad, *saved))
+    return [
+        None if r is None else _functorch._add_batch_dim(r, in_axes[i], level)
+        for i, r in enumerate(result)
+    ]
 
 
 def _backward_batched(ctx, grad: torch.Tensor, saved) -> list[torch.Tensor | None]:
@@ -1215,11 +1280,12 @@ class _JaxFunctionInTransforms(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         entry, *tensors = inputs
-        run = _last_run.value
+        run = getattr(_last_run, "value", None)
         if run is None or _innermost(output) is not run[0]:
             # torch ran the vmap rule below this grad level, not the forward:
             # torch.func.grad inside vmap over a batch of weights.
-            raise RuntimeError(_NO_VMAP_OF_GRAD)
+            _setup_vmapped(ctx, entry, tensors, output)
+            return
         y, out, arrays = run
         _setup(ctx, entry, tensors, output, out, arrays)
 
@@ -1266,10 +1332,12 @@ _DOUBLE_BACKWARD = (
 
 
 _NO_VMAP_OF_GRAD = (
-    "torch.func.grad (or vjp, jacrev) inside torch.func.vmap over a batch of weights "
-    "is not supported through JAX parametrizations. Differentiate the vmapped loss "
-    "instead: `grad(lambda p: vmap(loss)(p, ...).sum())(stacked_params)` gives every "
-    "member of the batch its own gradient (and so does `.backward()` on that sum)."
+    "torch.func.grad inside torch.func.vmap over a batch of weights works through JAX "
+    "parametrizations with one vmap level directly around the grad; here there are "
+    "more (nested vmaps, or jacrev, which vmaps the backward). For gradients, "
+    "differentiate the vmapped loss: `grad(lambda p: vmap(loss)(p, ...).sum())"
+    "(stacked_params)` gives every member its own gradient; for a Jacobian per "
+    "member, loop over the members."
 )
 
 _NO_VMAP_BUFFERS = (

@@ -2,12 +2,15 @@
 
 ``torch.func.functional_call`` with ``grad``, ``vjp``, per-sample gradients
 (``vmap`` over ``grad``), ``jacrev`` and model ensembling (``vmap`` over stacked
-weights) give torch's numbers; what the bridge cannot do (higher-order
-gradients through a JAX link, ``grad`` inside ``vmap`` over weights,
-forward-mode AD through them) raises a clear error instead of a wrong value.
+weights, ``grad`` inside it) give torch's numbers; what the bridge cannot do
+(higher-order gradients through a JAX link, ``jacrev`` inside ``vmap`` over
+weights, forward-mode AD through them) raises a clear error instead of a wrong
+value.
 """
 
 from __future__ import annotations
+
+import threading
 
 import jax.numpy as jnp
 import pytest
@@ -254,20 +257,55 @@ def test_model_ensembling_matches_torch(kind, x):
         _assert_close(got_c, got_t)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_grad_inside_vmap_over_weights_matches_torch(kind, x):
+    """vmap(grad(loss)) over stacked weights: each member's gradient, for the
+    weights and for an input shared by all members. Run on a new thread: the
+    bridge's per-thread state starts empty there, as in a fresh process."""
+    got: dict = {}
+
+    def run(side):
+        m, params, buffers = _ensemble(side, kind)
+
+        def loss(p, b, xx, m=m):
+            return functional_call(m, (p, b), (xx,)).pow(2).sum()
+
+        xs = torch.stack([x, 2 * x, 3 * x])
+        got[side] = (
+            vmap(grad(loss))(params, buffers, xs),
+            vmap(grad(loss, argnums=(0, 2)), in_dims=(0, 0, None))(params, buffers, x),
+        )
+
+    for side in ("torch", "compat"):
+        thread = threading.Thread(target=run, args=(side,))
+        thread.start()
+        thread.join()
+    per_member, with_x = got["compat"]
+    ref_per_member, ref_with_x = got["torch"]
+    _assert_close(per_member, ref_per_member)
+    _assert_close(with_x[0], ref_with_x[0])
+    torch.testing.assert_close(with_x[1], ref_with_x[1], rtol=1e-10, atol=1e-10)
+    assert with_x[1].shape == (3, *x.shape)  # one gradient of x per member
+
+
 def test_vmap_limits_raise_clearly(x):
     m, params, buffers = _ensemble("compat", "spectral_norm")
     before = {k: v.clone() for k, v in m.state_dict().items()}
 
-    def loss(p, b):
-        return functional_call(m, (p, b), (x,)).pow(2).sum()
+    def out(p, b):
+        return functional_call(m, (p, b), (x,))
 
-    with pytest.raises(RuntimeError, match="inside torch.func.vmap over a batch of weights"):
-        vmap(grad(loss))(params, buffers)
+    with pytest.raises(RuntimeError, match="one vmap level directly around the grad"):
+        vmap(jacrev(out))(params, buffers)
+    nested = {k: torch.stack([v, v]) for k, v in params.items()}
+    nested_b = {k: torch.stack([v, v]) for k, v in buffers.items()}
+    with pytest.raises(RuntimeError, match="one vmap level directly around the grad"):
+        vmap(vmap(grad(lambda p, b: out(p, b).sum())))(nested, nested_b)
     m.train()  # spectral norm's power iteration cannot take a batch of updates
     for no_grad in (False, True):
         with torch.set_grad_enabled(not no_grad):
             with pytest.raises(RuntimeError, match=r"`_SpectralNorm`: it updates its buffers"):
-                vmap(loss)(params, buffers)
+                vmap(lambda p, b: out(p, b).sum())(params, buffers)
     # Nothing was left half-done: the module is as it was, and still works.
     for k, v in m.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
