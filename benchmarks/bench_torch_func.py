@@ -11,7 +11,10 @@ float32, torch with ``--threads`` intra-op threads):
 - ``ensemble``: ``--members`` models stacked, ``vmap`` over their weights and
   buffers, forward without grad (each JAX chain runs as one ``jax.vmap``);
 - ``ensemble_grad``: every member's gradient, ``grad`` of the summed loss of
-  the vmapped ensemble.
+  the vmapped ensemble;
+- ``ensemble_vmap_grad``: the same gradients as ``vmap(grad(member_loss))``
+  (the bridge runs each chain's forward twice there: once in torch's vmap
+  rule, once with residuals for the grad level above it).
 
 Spectral norm runs in eval mode (torch cannot vmap its training update).
 Variants are interleaved round by round (``_timing.time_interleaved``); ratios
@@ -79,6 +82,11 @@ def _variants(P, kind: str, args, x, y) -> dict:
     def ensemble_loss(p):
         return (ensemble(p, e_buffers) - y).pow(2).mean(dim=(1, 2)).sum()
 
+    def member_loss(p, b):
+        return (member_out(p, b) - y).pow(2).mean()
+
+    member_grads = vmap(grad(member_loss))
+
     def ensemble_nograd():
         with torch.no_grad():
             return ensemble(e_params, e_buffers)
@@ -87,6 +95,7 @@ def _variants(P, kind: str, args, x, y) -> dict:
         "per_sample": lambda: per_sample(params, buffers, x, y),
         "ensemble": ensemble_nograd,
         "ensemble_grad": lambda: grad(ensemble_loss)(e_params),
+        "ensemble_vmap_grad": lambda: member_grads(e_params, e_buffers),
     }
 
 
@@ -118,7 +127,7 @@ def main() -> None:
             ratio = round_ratio(timings, f"compat/{name}", f"torch/{name}")
             row[f"{name}_ratio"] = ratio
             print(
-                f"{kind:14s} {name:14s} torch {timings[f'torch/{name}']['median_s'] * 1e3:8.2f} ms"
+                f"{kind:14s} {name:18s} torch {timings[f'torch/{name}']['median_s'] * 1e3:8.2f} ms"
                 f"   torch_compat {timings[f'compat/{name}']['median_s'] * 1e3:8.2f} ms"
                 f"   ratio {ratio:5.2f}x"
             )
