@@ -1168,24 +1168,15 @@ def _setup_vmapped(ctx, entry: _Entry, tensors: Sequence[torch.Tensor], output) 
     differentiable inputs are expanded along the batch, so that each member of
     the batch gets its own gradient. One vmap level directly under the grad.
     """
-    level, in_axes, inner = None, [], []
+    unwrapped = []
     for t in tensors:
         while _functorch.is_functorch_wrapped_tensor(t) and not _functorch.is_batchedtensor(t):
             t = _functorch.get_unwrapped(t)  # this grad level's own wrapper
-        if not _functorch.is_functorch_wrapped_tensor(t):
-            in_axes.append(None)
-            inner.append(t)
-            continue
-        u = _functorch.get_unwrapped(t)
-        if level not in (None, _functorch.maybe_get_level(t)) or (
-            _functorch.is_functorch_wrapped_tensor(u)
-        ):
-            raise RuntimeError(_NO_VMAP_OF_GRAD)
-        level = _functorch.maybe_get_level(t)
-        in_axes.append(_functorch.maybe_get_bdim(t))
-        inner.append(u)
-    if level is None:  # pragma: no cover - torch calls the vmap rule only when batched
-        raise RuntimeError(_NO_VMAP_OF_GRAD)
+        unwrapped.append(t)
+    level = max(_functorch.maybe_get_level(t) for t in unwrapped)
+    in_axes, inner = _peel_vmap_level(unwrapped, level)
+    if level == -1 or any(map(_functorch.is_functorch_wrapped_tensor, inner)):
+        raise RuntimeError(_NO_VMAP_OF_GRAD)  # more than one vmap level
     size = next(u.shape[a] for u, a in zip(inner, in_axes, strict=True) if a is not None)
     for i in entry.diff_pos:
         if in_axes[i] is None:
@@ -1294,8 +1285,9 @@ class _JaxFunctionInTransforms(torch.autograd.Function):
         # torch.func.vmap over some of the chain's inputs (a stack of weights):
         # the same chain under jax.vmap, called on the tensors one level down
         # (torch calls this once per vmap level, and autograd records the call).
-        batched = _batched_entry(entry, tuple(in_dims[1:]), tensors, _needs_grad(tensors))
-        return _call(batched, tensors), 0
+        grad = _needs_grad(tensors)
+        batched = _batched_entry(entry, tuple(in_dims[1:]), tensors, grad)
+        return _call(batched, tensors, grad, torch._C._are_functorch_transforms_active()), 0
 
     backward = staticmethod(_backward_entry)
 
@@ -1436,12 +1428,22 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
     if transforms or _fwad._current_level >= 0:
         _refuse_forward_ad(tensors, transforms)
     grad = _needs_grad(tensors)
-    entry = _get_entry(links, tensors, grad)
-    if grad and not transforms:
-        return _JaxFunction.apply(entry, *tensors)
-    if not grad and not transforms:
-        return _run(entry, tensors)[0]
-    return _call(entry, tensors)
+    return _call(_get_entry(links, tensors, grad), tensors, grad, transforms)
+
+
+def _peel_vmap_level(tensors: Sequence[torch.Tensor], level: int):
+    """The batch dimension of each tensor at vmap ``level`` (``None`` where it is
+    not batched there) and the tensors under that level's wrappers."""
+    in_axes: list[int | None] = []
+    inner: list[torch.Tensor] = []
+    for t in tensors:
+        if _functorch.is_batchedtensor(t) and _functorch.maybe_get_level(t) == level:
+            in_axes.append(_functorch.maybe_get_bdim(t))
+            inner.append(_functorch.get_unwrapped(t))
+        else:
+            in_axes.append(None)
+            inner.append(t)
+    return in_axes, inner
 
 
 def _run_vmapped(entry: _Entry, tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -1455,16 +1457,9 @@ def _run_vmapped(entry: _Entry, tensors: Sequence[torch.Tensor]) -> torch.Tensor
     then the Function goes through torch's levels.
     """
     level = max(_functorch.maybe_get_level(t) for t in tensors)
-    in_axes, inner = [], []
-    for t in tensors:
-        if _functorch.is_functorch_wrapped_tensor(t) and _functorch.maybe_get_level(t) == level:
-            if not _functorch.is_batchedtensor(t):
-                return None
-            in_axes.append(_functorch.maybe_get_bdim(t))
-            inner.append(_functorch.get_unwrapped(t))
-        else:
-            in_axes.append(None)
-            inner.append(t)
+    in_axes, inner = _peel_vmap_level(tensors, level)
+    if any(_functorch.maybe_get_level(t) == level for t in inner):
+        return None  # a wrapper of another transform at the top level
     if not any(map(_functorch.is_functorch_wrapped_tensor, inner)) and _needs_grad(inner):
         return None  # torch autograd around vmap: the Function records the call
     batched = _batched_entry(entry, tuple(in_axes), inner, False)
@@ -1482,17 +1477,17 @@ def _needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _call(entry: _Entry, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Runs ``entry`` on ``tensors``, with autograd when they need it, inside
-    torch.func's transforms or not."""
-    grad = _needs_grad(tensors)
-    if not torch._C._are_functorch_transforms_active():
+def _call(entry: _Entry, tensors: Sequence[torch.Tensor], grad: bool, transforms: bool):
+    """Runs ``entry`` on ``tensors``, with autograd when ``grad`` (`_needs_grad`),
+    inside torch.func's transforms (``transforms``) or not."""
+    if not transforms:
         return _JaxFunction.apply(entry, *tensors) if grad else _run(entry, tensors)[0]
-    if not grad and any(map(_is_batched, tensors)):
+    batched = any(map(_is_batched, tensors))
+    if batched and not grad:
         y = _run_vmapped(entry, tensors)
         if y is not None:
             return y
-    if grad or any(map(_is_batched, tensors)):
+    if grad or batched:
         # torch.func's levels: the vmap rule and the forward are torch's to call.
         try:
             return _JaxFunctionInTransforms.apply(entry, *tensors)
