@@ -14,7 +14,12 @@ float32, torch with ``--threads`` intra-op threads):
   the vmapped ensemble;
 - ``ensemble_vmap_grad``: the same gradients as ``vmap(grad(member_loss))``
   (the bridge runs each chain's forward twice there: once in torch's vmap
-  rule, once with residuals for the grad level above it).
+  rule, once with residuals for the grad level above it);
+- ``jvp``: forward mode, ``torch.func.jvp`` of the batch's outputs along a
+  direction in all the parameters (the bridge keeps each chain's
+  linearization in its forward and runs one compiled linear map per layer).
+  Torch's ``weight_norm`` has no forward-mode formula: that row times ours
+  alone.
 
 Spectral norm runs in eval mode (torch cannot vmap its training update).
 Variants are interleaved round by round (``_timing.time_interleaved``); ratios
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.parametrizations as torch_builtins
 from _timing import round_ratio, time_interleaved, write_json
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
 from torch_compat import parametrizations as compat_builtins
 
@@ -91,12 +96,22 @@ def _variants(P, kind: str, args, x, y) -> dict:
         with torch.no_grad():
             return ensemble(e_params, e_buffers)
 
-    return {
+    gen = torch.Generator().manual_seed(2)
+    tangents = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+
+    def directional():
+        return jvp(lambda p: functional_call(model, (p, buffers), (x,)), (params,), (tangents,))
+
+    variants = {
         "per_sample": lambda: per_sample(params, buffers, x, y),
         "ensemble": ensemble_nograd,
         "ensemble_grad": lambda: grad(ensemble_loss)(e_params),
         "ensemble_vmap_grad": lambda: member_grads(e_params, e_buffers),
+        "jvp": directional,
     }
+    if P is torch_builtins and kind == "weight_norm":
+        del variants["jvp"]  # NotImplementedError: torch has no forward-mode formula
+    return variants
 
 
 def main() -> None:
@@ -123,7 +138,13 @@ def main() -> None:
         fns = {f"{side}/{name}": fn for side, vs in sides.items() for name, fn in vs.items()}
         timings = time_interleaved(fns, repeat=args.repeat, number=args.number)
         row: dict = {"timings": timings}
-        for name in sides["torch"]:
+        for name in sides["compat"]:
+            if name not in sides["torch"]:
+                print(
+                    f"{kind:14s} {name:18s} torch      n/a      torch_compat "
+                    f"{timings[f'compat/{name}']['median_s'] * 1e3:8.2f} ms"
+                )
+                continue
             ratio = round_ratio(timings, f"compat/{name}", f"torch/{name}")
             row[f"{name}_ratio"] = ratio
             print(

@@ -371,7 +371,10 @@ def test_orthogonal_complex_householder_refused():
     assert str(ours.value) == str(torch_err.value)
 
 
-@pytest.mark.parametrize("m", ["matrix_exp", "cayley", "householder"])
+MAPS = ["matrix_exp", "cayley", "householder"]
+
+
+@pytest.mark.parametrize("m", MAPS)
 def test_orthogonal_stays_orthogonal_after_many_large_steps(m):
     n = 16
     f = nnx.Linear(n, n, rngs=nnx.Rngs(0))
@@ -391,6 +394,37 @@ def test_orthogonal_stays_orthogonal_after_many_large_steps(m):
     k = f.kernel[...]
     err = float(jnp.max(jnp.abs(k.T @ k - jnp.eye(n))))
     assert err <= 10 * n * float(jnp.finfo(jnp.float32).eps), err
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", *MAPS])
+def test_builtins_forward_mode_matches_reverse_mode(kind):
+    """jax.jvp through an NNX built-in (matrix_exp inside forward_mode_ad) gives
+    J t, with J from reverse mode (traced outside the context)."""
+    from jaxparam.functional import forward_mode_ad
+
+    f = nnx.Linear(5, 4, rngs=nnx.Rngs(0))
+    if kind in MAPS:
+        orthogonal(f, orthogonal_map=kind, rngs=nnx.Rngs(1))
+    else:
+        {"weight_norm": weight_norm, "spectral_norm": spectral_norm}[kind](f)
+    f.eval()
+    graphdef, params, rest = nnx.split(f, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+
+    def apply(p):
+        return nnx.merge(graphdef, p, rest)(x)
+
+    tangents = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
+    with forward_mode_ad():
+        y, y_dot = jax.jit(lambda p, t: jax.jvp(apply, (p,), (t,)))(params, tangents)
+    jac = jax.jit(jax.jacrev(apply))(params)
+    want = sum(
+        jnp.tensordot(j, t, axes=t.ndim)
+        for j, t in zip(jax.tree.leaves(jac), jax.tree.leaves(tangents), strict=True)
+    )
+    np.testing.assert_allclose(y, apply(params), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_dot, want, rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(y_dot).max()) > 1e-3
 
 
 def test_builtins_append_to_an_existing_chain_like_torch():

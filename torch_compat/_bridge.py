@@ -40,8 +40,13 @@ In plain words:
   ensembling) runs the chain as a new entry, itself under ``jax.vmap``
   (``_batched_entry``), through the Function's ``vmap`` rule, or
   ``_run_vmapped`` without grad; ``grad`` inside such a ``vmap`` re-runs it
-  with residuals in ``setup_context`` (``_setup_vmapped``). Forward-mode AD
-  through the chain raises, never drops a tangent.
+  with residuals in ``setup_context`` (``_setup_vmapped``).
+* Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``):
+  when an input may carry a tangent, the forward also returns the residuals of
+  ``jax.linearize`` (``_Residuals``, as for the VJP), and the Functions' ``jvp``
+  runs one compiled linear map on them (under ``jax.vmap`` for ``jacfwd``'s
+  batched tangents). A derivative of the bridge's derivatives (a backward under
+  forward mode, a tangent under a second differentiating level) raises.
 * Accepted dtypes: float16, bfloat16, float32, float64, complex64, complex128
   (differentiable), and int8/16/32/64, uint8, bool (passed through, never
   differentiated). Anything else (complex32, float8, quantized, ...) raises
@@ -94,6 +99,7 @@ import torch.autograd.forward_ad as _fwad
 from flax import nnx
 
 from jaxparam._checks import link_name
+from jaxparam.functional import forward_mode_ad
 
 #: torch's node whose backward raises (what ``once_differentiable`` uses).
 _DelayedError = torch._C._functions.DelayedError
@@ -717,26 +723,106 @@ def _is_cheap(lowered: Any) -> bool:
 # --------------------------------------------------------------------------- #
 
 
+class _Residuals:
+    """One linearization of a chain, as its compiled forward hands it on.
+
+    ``tree`` is the treedef of JAX's VJP object (``jax.vjp``) or linear map
+    (``jax.linearize``): it holds the linearized jaxpr, and its leaves are the
+    residual arrays. Per leaf, ``src`` says where the later call finds it:
+    ``("s", j)`` is the saved tensor ``j`` (``saved_used[j]`` indexes the
+    differentiable inputs followed by the output), ``("r", k)`` the forward's
+    residual output ``k``, ``("p", k, start, shape)`` a slice of the packed
+    output ``k``. ``specs``: the forward's residual outputs; ``saved_specs``:
+    the saved tensors the later call reads.
+    """
+
+    __slots__ = ("tree", "specs", "src", "saved_used", "saved_specs")
+
+    def split(self, linearized: Any, saved: list[Any]) -> list[Any]:
+        """The arrays the forward returns for ``linearized`` (trace time).
+
+        A residual that is a differentiable input or the output (``saved``,
+        matched by tracer identity) is already saved by torch
+        (``save_for_backward``): returning it would make XLA copy it into a
+        fresh buffer. Small ones are packed (`_pack`).
+        """
+        all_leaves, self.tree = jax.tree_util.tree_flatten(linearized)
+        leaves: list[Any] = []
+        src: list[tuple[Any, ...]] = []
+        for leaf in all_leaves:
+            j = next((j for j, x in enumerate(saved) if leaf is x), None)
+            if j is None:
+                src.append(("r", len(leaves)))
+                leaves.append(leaf)
+            else:
+                src.append(("s", j))
+        leaves = _pack(leaves, src)
+        self.src = src
+        self.specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
+        return leaves
+
+    def finish(self, all_saved: list[Any]) -> None:
+        """Keeps only the saved tensors the residuals read (after tracing)."""
+        used = sorted({j for k, j, *_ in self.src if k == "s"})
+        self.src = tuple(("s", used.index(j)) if k == "s" else (k, j, *r) for k, j, *r in self.src)
+        self.saved_used = tuple(used)
+        self.saved_specs = [all_saved[j] for j in used]
+
+    def views(self, arrays: Sequence[Any], diff_pos: Sequence[int], y: Any) -> list[Any]:
+        """The saved tensors as the forward's views of the same memory."""
+        views = [arrays[i] for i in diff_pos] + [y]
+        return [views[j] for j in self.saved_used]
+
+    def rebuild(self, computed: Sequence[Any], saved: Sequence[Any]) -> Any:
+        """The VJP object or linear map from the residual arrays (traced)."""
+        leaves = []
+        for kind, j, *packed in self.src:
+            if kind == "s":
+                leaves.append(saved[j])
+            elif kind == "r":
+                leaves.append(computed[j])
+            else:
+                start, shape = packed
+                flat = jax.lax.slice(computed[j], (start,), (start + math.prod(shape),))
+                leaves.append(flat.reshape(shape))
+        return jax.tree_util.tree_unflatten(self.tree, leaves)
+
+
+def _vmapped(fn: Callable[..., Any], levels: Sequence[tuple[int | None, ...]]):
+    """``fn(residuals, saved, *batched)`` under one ``jax.vmap`` per torch.func
+    vmap level, the first peeled (the innermost ``vmap``) innermost; each
+    level gives the batch dimension of each batched argument (or ``None``),
+    and the batch dimensions come out in front, the outermost level's first."""
+    for axes in levels:
+        fn = jax.vmap(fn, in_axes=(None, None, *axes))
+    return fn
+
+
 class _Entry:
-    """One compiled forward for a chain structure + input shapes/dtypes."""
+    """One compiled forward for a chain structure + input shapes/dtypes.
+
+    ``vjp_res`` (reverse mode) and ``lin_res`` (forward mode) describe the
+    residuals the forward returns, after the mutated buffers: the VJP's
+    arrays, then the linear map's (each list empty when not asked for).
+    """
 
     __slots__ = (
         "x64",
         "cpu",
         "compiled",
         "diff_pos",
+        "diff_specs",
         "buf_pos",
         "mutated",
         "conj",
-        "res_tree",
-        "res_specs",
-        "res_src",
-        "saved_used",
-        "saved_specs",
+        "vjp_res",
+        "lin_res",
         "ct_spec",
         "bwd",
+        "jvp",
         "jdev",
         "batched_bwd",
+        "batched_jvp",
         "key",
         "core",
         "n_x",
@@ -748,22 +834,39 @@ class _Entry:
         for k in self.__slots__:
             setattr(self, k, kw.get(k))
 
+    def _lower(self, fn: Callable[..., Any], res: _Residuals, *specs: Any) -> Any:
+        with _x64_ctx(self.x64):
+            return jax.jit(fn, keep_unused=True).trace(res.specs, res.saved_specs, *specs).lower()
+
+    def _compile(self, lowered: Any, what: str) -> Any:
+        """Compiles a later call on the client that holds the forward's residuals."""
+        if self.jdev is not None:
+            compiled = _INLINE.compile(lowered)
+            if compiled is None:  # pragma: no cover - the forward compiled inline
+                raise RuntimeError(f"{self.name}: its {what} did not compile.")
+            return compiled
+        with _x64_ctx(self.x64):
+            return lowered.compile()
+
     def lower_backward(self) -> Any:
         """The VJP ``(residual leaves, saved inputs, cotangent) -> grads``, lowered."""
-        with _x64_ctx(self.x64):
-            return (
-                jax.jit(self._vjp, keep_unused=True)
-                .trace(self.res_specs, self.saved_specs, self.ct_spec)
-                .lower()
-            )
+        return self._lower(self._vjp, self.vjp_res, self.ct_spec)
+
+    def lower_jvp(self) -> Any:
+        """The JVP ``(residual leaves, saved inputs, *tangents) -> tangent``, lowered."""
+        return self._lower(self._jvp, self.lin_res, *self.diff_specs)
 
     def backward(self) -> Any:
         """The compiled VJP (built once, on JAX's client unless built inline)."""
         if self.bwd is None:
-            lowered = self.lower_backward()
-            with _x64_ctx(self.x64):
-                self.bwd = lowered.compile()
+            self.bwd = self._compile(self.lower_backward(), "VJP")
         return self.bwd
+
+    def forward_jvp(self) -> Any:
+        """The compiled JVP (built once, on the client of the forward)."""
+        if self.jvp is None:
+            self.jvp = self._compile(self.lower_jvp(), "JVP")
+        return self.jvp
 
     def batched_backward(self, bdims: tuple[int, ...], ct_shape: tuple[int, ...]) -> Any:
         """The compiled VJP of a cotangent batched by torch.func.vmap.
@@ -781,46 +884,48 @@ class _Entry:
         if cache is None:
             cache = self.batched_bwd = {}
         if key not in cache:
-            fn = self._vjp
-            for bdim in bdims:  # the first level peeled is the innermost vmap
-                fn = jax.vmap(fn, in_axes=(None, None, bdim))
+            fn = _vmapped(self._vjp, [(b,) for b in bdims])
             ct_spec = jax.ShapeDtypeStruct(ct_shape, self.ct_spec.dtype)
-            with _x64_ctx(self.x64):
-                lowered = (
-                    jax.jit(fn, keep_unused=True)
-                    .trace(self.res_specs, self.saved_specs, ct_spec)
-                    .lower()
-                )
-                if self.jdev is not None:  # the inline client holds the residuals
-                    compiled = _INLINE.compile(lowered)
-                    if compiled is None:  # pragma: no cover - the plain VJP compiled inline
-                        raise RuntimeError(f"{self.name}: its batched VJP did not compile.")
-                else:
-                    compiled = lowered.compile()
-            cache[key] = compiled
+            cache[key] = self._compile(self._lower(fn, self.vjp_res, ct_spec), "batched VJP")
+        return cache[key]
+
+    def batched_forward_jvp(
+        self, levels: tuple[tuple[int | None, ...], ...], shapes: tuple[tuple[int, ...], ...]
+    ) -> Any:
+        """The compiled JVP of tangents batched by torch.func.vmap (``jacfwd``).
+
+        ``levels`` as peeled (the innermost ``vmap`` first), each with the
+        batch dimension of every tangent or ``None``; ``shapes``: the tangents'
+        shapes under all the wrappers. The output's batch dimensions come out
+        in front, the outermost ``vmap``'s first.
+        """
+        key = (levels, shapes)
+        cache = self.batched_jvp
+        if cache is None:
+            cache = self.batched_jvp = {}
+        if key not in cache:
+            specs = [
+                jax.ShapeDtypeStruct(shape, s.dtype)
+                for shape, s in zip(shapes, self.diff_specs, strict=True)
+            ]
+            fn = _vmapped(self._jvp, levels)
+            cache[key] = self._compile(self._lower(fn, self.lin_res, *specs), "batched JVP")
         return cache[key]
 
     def _vjp(self, computed, saved, ct):
         """The VJP from the forward's residual arrays (traced, never called eagerly)."""
-        res_tree, conj, src = self.res_tree, self.conj, self.res_src
-
-        # Residuals that are inputs (or the output) come from torch's saved
-        # tensors instead of being written out again by the forward; small
-        # ones are slices of a packed array.
-        leaves = []
-        for kind, j, *packed in src:
-            if kind == "s":
-                leaves.append(saved[j])
-            elif kind == "r":
-                leaves.append(computed[j])
-            else:
-                start, shape = packed
-                flat = jax.lax.slice(computed[j], (start,), (start + math.prod(shape),))
-                leaves.append(flat.reshape(shape))
-        vjp_fn = jax.tree_util.tree_unflatten(res_tree, leaves)
-        if conj:  # torch's complex gradient convention is the conjugate of JAX's
+        vjp_fn = self.vjp_res.rebuild(computed, saved)
+        if self.conj:  # torch's complex gradient convention is the conjugate of JAX's
             return [jnp.conj(g) for g in vjp_fn(jnp.conj(ct))]
         return list(vjp_fn(ct))
+
+    def _jvp(self, computed, saved, *tangents):
+        """The JVP from the forward's residual arrays (traced, never called eagerly).
+
+        Forward mode has no convention to mind: JAX and torch both push a
+        tangent forward through the same real-linear map, complex or not.
+        """
+        return self.lin_res.rebuild(computed, saved)(*tangents)
 
 
 _entries: dict[Any, _Entry] = {}
@@ -888,14 +993,14 @@ def _fused(applies, n_x: int, layout) -> Callable[..., tuple[jax.Array, list[jax
     return core
 
 
-def _get_entry(links, tensors, grad: bool) -> _Entry:
+def _get_entry(links, tensors, grad: bool, fwd: bool) -> _Entry:
     avals = tuple((t.shape, t.dtype, t.device) for t in tensors)
-    key = (tuple(link._jax_key() for link in links), avals, grad)
+    key = (tuple(link._jax_key() for link in links), avals, grad, fwd)
     entry = _entries.get(key)
     if entry is not None:
         return entry
     with _lock:
-        return _build_entry(key, links, tensors, grad)
+        return _build_entry(key, links, tensors, grad, fwd)
 
 
 def _chain_name(links) -> str:
@@ -903,7 +1008,7 @@ def _chain_name(links) -> str:
     return f"the JAX parametrization {names}" if len(links) == 1 else f"JAX links {names}"
 
 
-def _build_entry(key, links, tensors, grad: bool) -> _Entry:
+def _build_entry(key, links, tensors, grad: bool, fwd: bool) -> _Entry:
     for t in tensors:
         _check_dtype(t.dtype)
         _jax_device(t.device)
@@ -921,14 +1026,17 @@ def _build_entry(key, links, tensors, grad: bool) -> _Entry:
         buf_pos.extend(range(pos, pos + len(bufs)))
         pos += len(bufs)
     core = _fused(applies, n_x, layout)
-    return _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad, _chain_name(links))
+    name = _chain_name(links)
+    return _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad, name, fwd)
 
 
-def _batched_entry(entry: _Entry, in_axes: tuple[int | None, ...], tensors, grad: bool) -> _Entry:
+def _batched_entry(
+    entry: _Entry, in_axes: tuple[int | None, ...], tensors, grad: bool, fwd: bool = False
+) -> _Entry:
     """``entry``'s chain under ``jax.vmap`` with ``in_axes`` (one per tensor), for
     torch.func.vmap over its inputs; the output's batch dimension comes first."""
     avals = tuple((t.shape, t.dtype, t.device) for t in tensors)
-    key = ("vmap", entry.key, in_axes, avals, grad)
+    key = ("vmap", entry.key, in_axes, avals, grad, fwd)
     batched = _entries.get(key)
     if batched is not None:
         return batched
@@ -950,87 +1058,74 @@ def _batched_entry(entry: _Entry, in_axes: tuple[int | None, ...], tensors, grad
 
     with _lock:
         return _compile_entry(
-            key, vmapped, entry.n_x, entry.param_pos, buf_pos, tensors, grad, entry.name
+            key, vmapped, entry.n_x, entry.param_pos, buf_pos, tensors, grad, entry.name, fwd
         )
 
 
-def _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad: bool, name: str) -> _Entry:
-    """Traces and compiles the chain ``core`` (flat inputs -> output, new buffers)."""
+def _compile_entry(
+    key, core, n_x, param_pos, buf_pos, tensors, grad: bool, name: str, fwd: bool = False
+) -> _Entry:
+    """Traces and compiles the chain ``core`` (flat inputs -> output, new buffers).
+
+    ``grad``: the forward also returns the VJP's residuals (reverse mode);
+    ``fwd``: the linear map's (``jax.linearize``, forward mode).
+    """
     dtypes = [t.dtype for t in tensors]
     diff_pos = tuple(i for i in [*range(n_x), *param_pos] if dtypes[i] in _INEXACT)  # never buffers
     complex_pos = tuple(i for i in diff_pos if dtypes[i] in _COMPLEX)
     x64 = any(d in _X64 for d in dtypes)
     mutated: list[int] = []
-    res_tree: list[Any] = []
-    res_specs: list[Any] = []
-    res_src: list[tuple[Any, ...]] = []
+    vjp_res = _Residuals() if grad else None
+    lin_res = _Residuals() if fwd else None
     ct_spec: list[Any] = []
 
-    def record(flat, new_bufs):
+    def fwd_fn(*flat):
+        def f(*diff):
+            full = list(flat)
+            for i, d in zip(diff_pos, diff, strict=True):
+                full[i] = d
+            return core(full)
+
+        primals = [flat[i] for i in diff_pos]
+        vjp_leaves: list[Any] = []
+        lin_leaves: list[Any] = []
+        if grad:
+            y, vjp_fn, new_bufs = jax.vjp(f, *primals, has_aux=True)
+            vjp_leaves = vjp_res.split(vjp_fn, [*primals, y])
+        if fwd:
+            # The linear map's residuals leave the call as flat arrays; its
+            # treedef (which holds the linearized jaxpr) is recorded once, here.
+            # With grad too, XLA computes the shared primal work once.
+            with forward_mode_ad():
+                y, lin_fn, new_bufs = jax.linearize(f, *primals, has_aux=True)
+            lin_leaves = lin_res.split(lin_fn, [*primals, y])
+        if not grad and not fwd:
+            y, new_bufs = core(list(flat))
+        ct_spec[:] = [jax.ShapeDtypeStruct(y.shape, y.dtype)]
         # Trace time: an unchanged buffer comes back as the very same tracer.
         old = [flat[i] for i in buf_pos]
-        mutated.extend(i for i, (n, o) in enumerate(zip(new_bufs, old, strict=True)) if n is not o)
-        return [new_bufs[i] for i in mutated]
-
-    if grad:
-
-        def fwd(*flat):
-            def f(*diff):
-                full = list(flat)
-                for i, d in zip(diff_pos, diff, strict=True):
-                    full[i] = d
-                return core(full)
-
-            y, vjp_fn, new_bufs = jax.vjp(f, *(flat[i] for i in diff_pos), has_aux=True)
-            # Residuals leave the compiled call as flat arrays; the treedef
-            # (which holds the linearized jaxpr) is recorded once, here.
-            all_leaves, res_tree[:] = (
-                jax.tree_util.tree_flatten(vjp_fn)[0],
-                [jax.tree_util.tree_structure(vjp_fn)],
-            )
-            # A residual that is a differentiable input or the output is already
-            # saved by torch (`save_for_backward`): returning it would make XLA
-            # copy it into a fresh buffer. Recorded by tracer identity.
-            saved = [flat[i] for i in diff_pos] + [y]
-            leaves = []
-            for leaf in all_leaves:
-                j = next((j for j, x in enumerate(saved) if leaf is x), None)
-                if j is None:
-                    res_src.append(("r", len(leaves)))
-                    leaves.append(leaf)
-                else:
-                    res_src.append(("s", j))
-            leaves = _pack(leaves, res_src)
-            res_specs[:] = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
-            ct_spec[:] = [jax.ShapeDtypeStruct(y.shape, y.dtype)]
-            return y, record(flat, new_bufs), leaves
-    else:
-
-        def fwd(*flat):
-            y, new_bufs = core(list(flat))
-            return y, record(flat, new_bufs)
+        mutated[:] = [i for i, (n, o) in enumerate(zip(new_bufs, old, strict=True)) if n is not o]
+        return y, [new_bufs[i] for i in mutated], vjp_leaves, lin_leaves
 
     specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
     with _x64_ctx(x64):
-        lowered = jax.jit(fwd, keep_unused=True).trace(*specs).lower()
-    # The saved tensors (diff inputs, then y) the backward reads, in order.
+        lowered = jax.jit(fwd_fn, keep_unused=True).trace(*specs).lower()
+    # The saved tensors (diff inputs, then y) the later calls may read.
     all_saved = [specs[i] for i in diff_pos] + ct_spec
-    used = sorted({j for k, j, *_ in res_src if k == "s"})
-    res_src[:] = [("s", used.index(j)) if k == "s" else (k, j, *r) for k, j, *r in res_src]
+    for res in (vjp_res, lin_res):
+        if res is not None:
+            res.finish(all_saved)
     entry = _Entry(
         x64=x64,
         cpu=all(t.device.type == "cpu" for t in tensors),
         diff_pos=diff_pos,
+        diff_specs=[specs[i] for i in diff_pos],
         buf_pos=tuple(buf_pos),
         mutated=tuple(mutated),
-        conj=bool(complex_pos)
-        or (bool(ct_spec) and jnp.issubdtype(ct_spec[0].dtype, jnp.complexfloating)),
-        res_tree=res_tree[0] if res_tree else None,
-        res_specs=list(res_specs),
-        res_src=tuple(res_src),
-        saved_used=tuple(used),
-        saved_specs=[all_saved[j] for j in used],
-        ct_spec=ct_spec[0] if ct_spec else None,
+        conj=bool(complex_pos) or jnp.issubdtype(ct_spec[0].dtype, jnp.complexfloating),
+        vjp_res=vjp_res,
+        lin_res=lin_res,
+        ct_spec=ct_spec[0],
         key=key,
         core=core,
         n_x=n_x,
@@ -1038,13 +1133,19 @@ def _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad: bool, name
         name=name,
     )
     if entry.cpu and _INLINE.get() is not None and _is_cheap(lowered):
-        # Forward and backward both inline, or neither: the residuals live on the
-        # client that made them. (`_INLINE.compile` refuses anything for several
-        # devices, so `_check_compiled` has nothing to refuse there.)
+        # The forward and its later calls all inline, or none: the residuals live
+        # on the client that made them. (`_INLINE.compile` refuses anything for
+        # several devices, so `_check_compiled` has nothing to refuse there.)
         fwd_inline = _INLINE.compile(lowered)
         bwd_inline = _INLINE.compile(entry.lower_backward()) if grad else None
-        if fwd_inline is not None and (bwd_inline is not None or not grad):
-            entry.compiled, entry.bwd, entry.jdev = fwd_inline, bwd_inline, _INLINE.device
+        jvp_inline = _INLINE.compile(entry.lower_jvp()) if fwd else None
+        if (
+            fwd_inline is not None
+            and (bwd_inline is not None or not grad)
+            and (jvp_inline is not None or not fwd)
+        ):
+            entry.compiled, entry.bwd, entry.jvp = fwd_inline, bwd_inline, jvp_inline
+            entry.jdev = _INLINE.device
     if entry.compiled is None:
         with _x64_ctx(x64):
             entry.compiled = lowered.compile()
@@ -1123,18 +1224,25 @@ def _innermost(t: torch.Tensor) -> torch.Tensor:
 
 def _setup(ctx, entry: _Entry, tensors: Sequence[torch.Tensor], y: torch.Tensor, out, arrays):
     ctx.entry = entry
-    ctx.residuals = out[2]  # JAX arrays, never exposed to torch
-    # The backward's saved inputs, as the forward's views of the same memory
-    # (`saved_tensors` in the backward still checks that torch did not change them).
-    views = [arrays[i] for i in entry.diff_pos] + [out[0]]
-    ctx.saved_views = [views[j] for j in entry.saved_used]
-    # Saved (inputs and output) so that torch's version counter catches
-    # an in-place edit between forward and backward.
-    ctx.save_for_backward(*(tensors[i] for i in entry.diff_pos), y)
+    if entry.vjp_res is not None:
+        ctx.residuals = out[2]  # JAX arrays, never exposed to torch
+        # The backward's saved inputs, as the forward's views of the same memory
+        # (`saved_tensors` in the backward still checks that torch did not change them).
+        ctx.saved_views = entry.vjp_res.views(arrays, entry.diff_pos, out[0])
+        # Saved (inputs and output) so that torch's version counter catches
+        # an in-place edit between forward and backward.
+        ctx.save_for_backward(*(tensors[i] for i in entry.diff_pos), y)
+    if entry.lin_res is not None:  # forward mode: torch calls `jvp` right after
+        ctx.lin_residuals = out[3]
+        ctx.lin_views = entry.lin_res.views(arrays, entry.diff_pos, out[0])
+        ctx.lin_inputs = [tensors[i] for i in entry.diff_pos]
 
 
 def _backward_entry(ctx, grad: torch.Tensor):
     saved = ctx.saved_tensors  # checks the version counters
+    if _forward_over_reverse((grad, *saved)):
+        # A tangent would flow into our gradients, constants to forward mode.
+        raise RuntimeError(_DOUBLE_BACKWARD.decode())
     if _functorch.maybe_current_level() is None:
         if not torch.is_grad_enabled():  # the usual backward
             return (None, *_backward(ctx, grad))
@@ -1182,8 +1290,9 @@ def _setup_vmapped(ctx, entry: _Entry, tensors: Sequence[torch.Tensor], output) 
         if in_axes[i] is None:
             inner[i] = inner[i].expand(size, *inner[i].shape).contiguous()
             in_axes[i] = 0
+    grad, fwd = entry.vjp_res is not None, entry.lin_res is not None
     with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
-        batched = _batched_entry(entry, tuple(in_axes), inner, True)
+        batched = _batched_entry(entry, tuple(in_axes), inner, grad, fwd)
         _y, out, arrays = _run(batched, inner)
     _setup(ctx, batched, tensors, output, out, arrays)
     ctx.vmapped = (level, tuple(in_axes), size)
@@ -1238,6 +1347,89 @@ def _backward_batched(ctx, grad: torch.Tensor, saved) -> list[torch.Tensor | Non
     return result
 
 
+def _jvp_entry(ctx, _entry: None, *tangents: torch.Tensor | None) -> torch.Tensor:
+    """The Functions' ``jvp``: the compiled JVP on the forward's linearization.
+
+    One tangent per input tensor (torch passes zeros, or ``None``, for inputs
+    without one); the output's tangent comes back. Tangents batched by
+    torch.func.vmap (``jacfwd``) run one compiled ``jax.vmap`` of the JVP.
+    """
+    entry: _Entry = ctx.entry
+    transforms = _functorch.maybe_current_level() is not None
+    if transforms and _differentiating_levels() > 1:
+        # hessian (jacfwd of jacrev), jvp of grad, grad of jvp: the tangent
+        # would need the backward's own derivative, or be a constant to the
+        # other level.
+        raise RuntimeError(_DOUBLE_BACKWARD.decode())
+    ts: list[torch.Tensor] = []
+    for k, i in enumerate(entry.diff_pos):
+        t = tangents[i]
+        if t is None:  # zeros in the shape the (possibly batched) entry takes
+            like = _innermost(ctx.lin_inputs[k])
+            t = torch.zeros(entry.diff_specs[k].shape, dtype=like.dtype, device=like.device)
+        ts.append(t)
+    with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
+        if getattr(ctx, "vmapped", None) is not None:  # jvp inside vmap over the weights
+            level, _in_axes, size = ctx.vmapped
+            inner = []
+            for k, t in enumerate(ts):
+                (bdim,), (u,) = _peel_vmap_level([_unwrap_jvp(t)], level)
+                if _functorch.is_functorch_wrapped_tensor(u):
+                    raise RuntimeError(_NO_VMAP_OF_GRAD)
+                if bdim is not None:
+                    u = u.movedim(bdim, 0)
+                elif u.shape != entry.diff_specs[k].shape:  # shared by every member
+                    u = u.expand(size, *u.shape)
+                inner.append(u)
+            y_dot = _jvp_call(ctx, entry.forward_jvp(), inner)
+            y_dot = _functorch._add_batch_dim(y_dot, 0, level)
+        elif any(map(_is_batched, ts)):  # jacfwd: tangents batched by vmap
+            levels: list[tuple[int, tuple[int | None, ...]]] = []
+            ts = [_unwrap_jvp(t) for t in ts]
+            while any(map(_functorch.is_functorch_wrapped_tensor, ts)):
+                level = max(_functorch.maybe_get_level(t) for t in ts)
+                in_axes, ts = _peel_vmap_level(ts, level)
+                levels.append((level, tuple(in_axes)))
+                ts = [_unwrap_jvp(t) for t in ts]
+            ts = [t.contiguous() for t in ts]
+            jvp = entry.batched_forward_jvp(
+                tuple(a for _, a in levels), tuple(tuple(t.shape) for t in ts)
+            )
+            y_dot = _jvp_call(ctx, jvp, ts)
+            for level, _ in reversed(levels):  # the outermost vmap (lowest level) first
+                y_dot = _functorch._add_batch_dim(y_dot, 0, level)
+        else:
+            y_dot = _jvp_call(ctx, entry.forward_jvp(), [_innermost(t) for t in ts])
+    if not transforms:
+        # The tangent is a constant to torch autograd: differentiating it again
+        # (reverse over forward) raises rather than dropping terms.
+        deps = [t for t in tangents if t is not None] + list(ctx.lin_inputs)
+        result: list[torch.Tensor | None] = [y_dot]
+        _once_differentiable(result, deps)
+        y_dot = result[0]  # type: ignore[assignment]
+    return y_dot
+
+
+def _unwrap_jvp(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the wrappers of the (one) differentiating level above it."""
+    while _functorch.is_functorch_wrapped_tensor(t) and not _functorch.is_batchedtensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
+def _jvp_call(ctx, jvp: Any, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Runs a compiled JVP on the forward's linearization and ``tangents``."""
+    entry: _Entry = ctx.entry
+    arrays = [_import(t if t.is_contiguous() else t.contiguous(), entry.jdev) for t in tangents]
+    _recent_inputs.append(arrays)
+    with _x64_ctx(entry.x64):
+        out = jvp(ctx.lin_residuals, ctx.lin_views, *arrays)
+    y_dot = _export(out, entry.cpu)
+    if y_dot.numel() and any(y_dot.data_ptr() == t.data_ptr() for t in tangents):
+        y_dot = y_dot.clone()  # never hand torch memory that aliases an input
+    return y_dot
+
+
 class _JaxFunction(torch.autograd.Function):
     """The autograd node of a JAX chain (outside torch.func's transforms)."""
 
@@ -1248,6 +1440,7 @@ class _JaxFunction(torch.autograd.Function):
         return y
 
     backward = staticmethod(_backward_entry)
+    jvp = staticmethod(_jvp_entry)
 
 
 #: The forward's raw outputs, for ``setup_context``: called right after
@@ -1285,11 +1478,14 @@ class _JaxFunctionInTransforms(torch.autograd.Function):
         # torch.func.vmap over some of the chain's inputs (a stack of weights):
         # the same chain under jax.vmap, called on the tensors one level down
         # (torch calls this once per vmap level, and autograd records the call).
+        # Under torch.func.jvp, the grad or jvp level above re-runs the chain
+        # with its linearization in `setup_context` (`_setup_vmapped`).
         grad = _needs_grad(tensors)
         batched = _batched_entry(entry, tuple(in_dims[1:]), tensors, grad)
         return _call(batched, tensors, grad, torch._C._are_functorch_transforms_active()), 0
 
     backward = staticmethod(_backward_entry)
+    jvp = staticmethod(_jvp_entry)
 
 
 def _once_differentiable(result: list[torch.Tensor | None], inputs: Sequence[torch.Tensor]) -> None:
@@ -1316,10 +1512,11 @@ def _once_differentiable(result: list[torch.Tensor | None], inputs: Sequence[tor
 
 
 _DOUBLE_BACKWARD = (
-    b"JAX parametrizations do not support double backward (differentiating a gradient "
-    b"that flowed through one, with `create_graph=True` or nested torch.func transforms): "
-    b"the bridge's backward is once differentiable. "
-    b"Write the parametrization as a torch module for higher-order gradients."
+    b"JAX parametrizations do not support double backward or other second derivatives "
+    b"through them (a gradient differentiated again, with `create_graph=True` or nested "
+    b"torch.func transforms; hessian; jvp of grad or grad of jvp; a backward inside "
+    b"forward_ad.dual_level whose inputs carry tangents): the bridge's derivatives are "
+    b"first order. Write the parametrization as a torch module for higher-order derivatives."
 )
 
 
@@ -1340,30 +1537,36 @@ _NO_VMAP_BUFFERS = (
 )
 
 
-_NO_FORWARD_AD = (
-    "JAX parametrizations do not support forward-mode AD (torch.func.jvp, jacfwd, "
-    "hessian, torch.autograd.forward_ad) through their weights: the bridge has no jvp "
-    "rule, and the tangents would be lost. Use reverse mode (backward, torch.func.grad "
-    "or torch.func.vjp); forward mode with respect to the inputs only works."
-)
-
-
-def _refuse_forward_ad(tensors: Sequence[torch.Tensor], transforms: bool) -> None:
-    """Raises when an input carries a forward-mode tangent, which the bridge would drop."""
+def _has_tangents(tensors: Sequence[torch.Tensor], transforms: bool) -> bool:
+    """Whether an input may carry a forward-mode tangent (the forward must then
+    keep its linearization for `_jvp_entry`)."""
     if transforms and any(
         i.key() == _functorch.TransformType.Jvp for i in _functorch.get_interpreter_stack()
     ):
         # Under torch.func.jvp (or jacfwd, hessian), a wrapped input may carry a
-        # tangent at the Jvp level (or the gradients would need one).
+        # tangent at the Jvp level.
         if any(_functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-            raise RuntimeError(_NO_FORWARD_AD)
-        return
+            return True
     if _fwad._current_level >= 0:
-        for t in tensors:
-            if not _functorch.is_functorch_wrapped_tensor(t) and (
-                _fwad.unpack_dual(t).tangent is not None
-            ):
-                raise RuntimeError(_NO_FORWARD_AD)
+        return any(
+            not _functorch.is_functorch_wrapped_tensor(t)
+            and _fwad.unpack_dual(t).tangent is not None
+            for t in tensors
+        )
+    return False
+
+
+def _forward_over_reverse(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a backward runs inside forward mode (``hessian``, that is jacfwd
+    of jacrev, jvp of grad, or a dual tensor reaching ``autograd.grad``)."""
+    if _functorch.maybe_current_level() is not None and any(
+        i.key() == _functorch.TransformType.Jvp for i in _functorch.get_interpreter_stack()
+    ):
+        return True
+    return _fwad._current_level >= 0 and any(
+        not _functorch.is_functorch_wrapped_tensor(t) and _fwad.unpack_dual(t).tangent is not None
+        for t in tensors
+    )
 
 
 def _differentiating_levels() -> int:
@@ -1425,10 +1628,9 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
         tensors.extend(params)
         tensors.extend(bufs)
     transforms = torch._C._are_functorch_transforms_active()
-    if transforms or _fwad._current_level >= 0:
-        _refuse_forward_ad(tensors, transforms)
+    fwd = (transforms or _fwad._current_level >= 0) and _has_tangents(tensors, transforms)
     grad = _needs_grad(tensors)
-    return _call(_get_entry(links, tensors, grad), tensors, grad, transforms)
+    return _call(_get_entry(links, tensors, grad, fwd), tensors, grad, transforms)
 
 
 def _peel_vmap_level(tensors: Sequence[torch.Tensor], level: int):
@@ -1478,16 +1680,18 @@ def _needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def _call(entry: _Entry, tensors: Sequence[torch.Tensor], grad: bool, transforms: bool):
-    """Runs ``entry`` on ``tensors``, with autograd when ``grad`` (`_needs_grad`),
-    inside torch.func's transforms (``transforms``) or not."""
+    """Runs ``entry`` on ``tensors``, with autograd when ``grad`` (`_needs_grad`)
+    or forward-mode tangents (the entry keeps its linearization), inside
+    torch.func's transforms (``transforms``) or not."""
+    autograd = grad or entry.lin_res is not None
     if not transforms:
-        return _JaxFunction.apply(entry, *tensors) if grad else _run(entry, tensors)[0]
+        return _JaxFunction.apply(entry, *tensors) if autograd else _run(entry, tensors)[0]
     batched = any(map(_is_batched, tensors))
-    if batched and not grad:
+    if batched and not autograd:
         y = _run_vmapped(entry, tensors)
         if y is not None:
             return y
-    if grad or batched:
+    if autograd or batched:
         # torch.func's levels: the vmap rule and the forward are torch's to call.
         try:
             return _JaxFunctionInTransforms.apply(entry, *tensors)

@@ -7,6 +7,7 @@ functions take it in and return it. No flax, no torch.
 
 from jaxparam.functional._orthogonal import (
     default_orthogonal_map,
+    forward_mode_ad,
     is_orthogonal,
     matrix_exp,
     orthogonal,
@@ -21,6 +22,7 @@ from jaxparam.functional._weight_norm import weight_norm, weight_norm_inverse
 
 __all__ = [
     "default_orthogonal_map",
+    "forward_mode_ad",
     "is_orthogonal",
     "matrix_exp",
     "orthogonal",

@@ -18,14 +18,18 @@ that ``orthogonal(-I, base) == Q``). With ``use_trivialization=False`` only
 
 All checks use static shapes and dtypes only, so every function is jit-safe; the
 maps are differentiable (``householder`` through the compact WY form, since
-``jax.lax.linalg.householder_product`` has no derivative rule; ``matrix_exp`` and
-``cayley`` through custom VJPs that cost a few matrix products).
+``jax.lax.linalg.householder_product`` has no derivative rule; ``cayley`` through
+a custom JVP of two matrix products, which reverse mode transposes; ``matrix_exp``
+through a custom VJP of about three products per squaring, which forward mode cannot
+use: inside `forward_mode_ad` it traces as plain JAX operations instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import jax
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "default_orthogonal_map",
+    "forward_mode_ad",
     "is_orthogonal",
     "matrix_exp",
     "orthogonal",
@@ -198,7 +203,38 @@ def _scaling(a: jax.Array, theta: float) -> tuple[jax.Array, jax.Array]:
     return s, a * scale
 
 
-@jax.custom_vjp
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def forward_mode_ad() -> Iterator[None]:
+    """Traces `matrix_exp` for forward-mode AD (``jax.jvp``, ``jax.linearize``, ``jax.jacfwd``).
+
+    `matrix_exp`'s derivative is a custom VJP (reverse mode in about three
+    matrix products per squaring), and JAX cannot push a tangent through a custom
+    VJP. Inside this context (on this thread, while tracing), `matrix_exp`, and so
+    `orthogonal`'s default map, traces as plain JAX operations, which forward mode
+    differentiates; reverse mode through what is traced here then fails under
+    ``jax.jit`` (the squarings are a loop of data-dependent length). The setting is
+    read at trace time: a function jitted outside the context keeps its trace. The
+    other maps, and weight and spectral norm, need no context.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> a = jnp.array([[0.0, 1.0], [-1.0, 0.0]])
+        >>> with forward_mode_ad():
+        ...     _, t = jax.jvp(matrix_exp, (a,), (a,))
+        >>> bool(jnp.allclose(t, a @ matrix_exp(a), atol=1e-6))
+        True
+    """
+    previous = getattr(_tracing, "forward", False)
+    _tracing.forward = True
+    try:
+        yield
+    finally:
+        _tracing.forward = previous
+
+
 def matrix_exp(a: jax.Array) -> jax.Array:
     """Matrix exponential of a (batch of) square matrices, cheap to differentiate.
 
@@ -206,7 +242,8 @@ def matrix_exp(a: jax.Array) -> jax.Array:
     matrix products, degree 18 in double in 5), evaluated as torch's
     ``torch.matrix_exp`` does (which also picks lower degrees per matrix for small
     norms; here one degree and one scaling serve the whole batch). The VJP costs
-    about three matrix products per squaring and uses O(n^2) memory.
+    about three matrix products per squaring and uses O(n^2) memory. For forward
+    mode (``jax.jvp``), trace inside `forward_mode_ad`.
 
     Args:
         a: array of shape ``(..., n, n)``, real or complex.
@@ -223,6 +260,13 @@ def matrix_exp(a: jax.Array) -> jax.Array:
         Array([[1., 0.],
                [0., 1.]], dtype=float32)
     """
+    if getattr(_tracing, "forward", False):
+        return _matrix_exp_fwd(a)[0]  # plain operations: forward mode differentiates them
+    return _matrix_exp_vjp(a)
+
+
+@jax.custom_vjp
+def _matrix_exp_vjp(a: jax.Array) -> jax.Array:
     return _matrix_exp_fwd(a)[0]
 
 
@@ -258,12 +302,13 @@ def _matrix_exp_bwd(a: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     return (gb * scale,)
 
 
-matrix_exp.defvjp(_matrix_exp_fwd, _matrix_exp_bwd)
+_matrix_exp_vjp.defvjp(_matrix_exp_fwd, _matrix_exp_bwd)
 
 
 # ---------------------------------------------------------------------------------------
-# Cayley map: (I - A/2)^{-1} (I + A/2) = 2 (I - A/2)^{-1} - I, with a VJP in two products:
-# d/dA gives  A_bar = M^{-T} G M^{-T}  where  M^{-1} = (Q + I) / 2.
+# Cayley map: (I - A/2)^{-1} (I + A/2) = 2 (I - A/2)^{-1} - I, with a JVP in two products,
+# dQ = M^{-1} dA M^{-1} where M^{-1} = (Q + I) / 2, which reverse mode transposes into
+# A_bar = M^{-T} G M^{-T}.
 #
 # The inverse is blocked and needs no pivoting: M = I - A/2 with A skew-Hermitian has
 # Hermitian part I, and so have (at least) its leading blocks and their Schur
@@ -331,7 +376,7 @@ def _inv_identity_plus_skew(m: jax.Array, top: bool = True) -> jax.Array:
     )
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _cayley(a: jax.Array) -> jax.Array:
     return _cayley_fwd(a)[0]
 
@@ -343,12 +388,11 @@ def _cayley_fwd(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q, m_inv
 
 
-def _cayley_bwd(m_inv: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    m_inv_t = _mT(m_inv)
-    return (_mm(_mm(m_inv_t, g), m_inv_t),)
-
-
-_cayley.defvjp(_cayley_fwd, _cayley_bwd)
+@_cayley.defjvp
+def _cayley_jvp(primals, tangents):
+    (a,), (da,) = primals, tangents
+    q, m_inv = _cayley_fwd(a)
+    return q, _mm(_mm(m_inv, da), m_inv)
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch.nn.utils.parametrizations import _is_orthogonal, _OrthMaps, _Orthogon
 
 from jaxparam.functional import (
     default_orthogonal_map,
+    forward_mode_ad,
     is_orthogonal,
     matrix_exp,
     orthogonal,
@@ -348,3 +349,49 @@ def test_orthogonal_empty_is_unchanged_as_torch(shape, orthogonal_map):
     base = jnp.zeros((*shape[:-2], n, n))
     assert orthogonal(X, base, orthogonal_map=orthogonal_map).shape == shape
     assert matrix_exp(jnp.zeros((0, 0))).shape == (0, 0)
+
+
+@pytest.mark.parametrize("orthogonal_map", MAPS)
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((4, 4), "float64"), ((2, 5, 3), "float64"), ((3, 4), "complex128"), ((6, 6), "float32")],
+)
+def test_orthogonal_forward_mode_matches_torch(shape, orthogonal_map, dtype, x64):
+    """jax.jvp through each map (with the trivialization's base) against torch's
+    forward-mode AD on `_Orthogonal`; `matrix_exp` inside `forward_mode_ad`."""
+    if orthogonal_map == "householder" and "complex" in dtype:
+        pytest.skip("householder is real only, as in torch")
+    rng = np.random.default_rng(0)
+    X, dX = _randn(rng, shape, dtype), _randn(rng, shape, dtype)
+    n = max(shape[-2:])
+    base, dbase = (_randn(rng, (*shape[:-2], n, n), dtype) for _ in range(2))
+    mod = _Orthogonal(to_torch_dtype(X, dtype), getattr(_OrthMaps, orthogonal_map))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        mod.base = fwAD.make_dual(to_torch_dtype(base, dtype), to_torch_dtype(dbase, dtype))
+        out = mod(fwAD.make_dual(to_torch_dtype(X, dtype), to_torch_dtype(dX, dtype)))
+        tQ, tdQ = (to_numpy(t) for t in fwAD.unpack_dual(out)[:2])
+    fun = functools.partial(orthogonal, orthogonal_map=orthogonal_map)
+    with forward_mode_ad():
+        Q, dQ = jax.jit(lambda *a: jax.jvp(fun, a[:2], a[2:]))(X, base, dX, dbase)
+    assert_close(Q, tQ, dtype)
+    assert_close(dQ, tdQ, dtype)
+    if orthogonal_map != "matrix_exp":  # no context needed, and reverse mode still works
+        assert_close(jax.jvp(fun, (X, base), (dX, dbase))[1], tdQ, dtype)
+        _run(shape, orthogonal_map, dtype, use_trivialization=True)
+
+
+def test_matrix_exp_reverse_mode_refuses_inside_forward_mode_ad():
+    """Inside the context, the squarings are a plain loop of data-dependent
+    length, which reverse mode cannot differentiate under jit; JAX says so."""
+    a = jnp.array([[0.0, 3.0], [-3.0, 0.0]])
+
+    def grad_fn():
+        return jax.jit(jax.grad(lambda a: matrix_exp(a).sum()))
+
+    assert float(jnp.abs(grad_fn()(a)).sum()) > 0
+    with forward_mode_ad(), pytest.raises(ValueError, match="Reverse-mode differentiation"):
+        grad_fn()(a)
+    # outside the context again, the custom VJP is back
+    assert float(jnp.abs(grad_fn()(a)).sum()) > 0

@@ -408,9 +408,9 @@ def test_input_residuals_come_from_saved_tensors():
     m = CPZ.weight_norm(torch.nn.Linear(6, 5, dtype=torch.float64))
     v = m.parametrizations.weight.original1
     m.weight.sum().backward()
-    entries = [e for e in _bridge._entries.values() if e.res_tree is not None]
-    entry = next(e for e in entries if any(s.shape == (5, 6) for s in e.saved_specs))
-    assert all(s.shape != (5, 6) for s in entry.res_specs)
+    entries = [e.vjp_res for e in _bridge._entries.values() if e.vjp_res is not None]
+    res = next(r for r in entries if any(s.shape == (5, 6) for s in r.saved_specs))
+    assert all(s.shape != (5, 6) for s in res.specs)
     assert torch.autograd.gradcheck(
         lambda g, v: _bridge.run_chain([m.parametrizations.weight[0]], [g, v]),
         (
@@ -433,10 +433,10 @@ def test_small_residuals_leave_the_forward_packed():
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     c = torch.randn(4, dtype=torch.float32, requires_grad=True)
     _bridge.run_chain([link], [a, b, c]).sum().backward()
-    entry = _entry_for((100, 100))
-    kinds = [r[0] for r in entry.res_src]
+    res = _entry_for((100, 100)).vjp_res
+    kinds = [r[0] for r in res.src]
     assert kinds.count("p") >= 4 and "r" in kinds
-    packed = [s for s in entry.res_specs if s.ndim == 1]
+    packed = [s for s in res.specs if s.ndim == 1]
     assert len(packed) == 2 and {s.dtype for s in packed} == {
         jnp.dtype("float64"),
         jnp.dtype("float32"),

@@ -26,7 +26,6 @@ from torch_compat import _bridge
 from torch_compat import parametrizations as compat_builtins
 
 DOUBLE = "do not support double backward"
-NO_FORWARD_AD = "do not support forward-mode AD"
 
 
 class _Scaled(nn.Module):
@@ -322,29 +321,187 @@ def test_forward_mode_wrt_the_input_matches_torch(kind, x):
     torch.testing.assert_close(tangents["compat"], tangents["torch"], rtol=1e-10, atol=1e-10)
 
 
-def test_forward_mode_through_the_weights_raises_clearly(x):
-    """torch's orthogonal supports forward mode; the bridge has no jvp rule, and
-    refuses rather than drop the weights' tangents."""
+FORWARD_KINDS = [*KINDS, "orthogonal_cayley", "orthogonal_householder", "orthogonal_complex"]
+
+
+def _build_forward(side: str, kind: str) -> nn.Module:
+    """`_build`, plus orthogonal's other maps and a complex weight."""
+    if not kind.startswith("orthogonal_"):
+        return _build(side, kind)
+    builtins = torch_builtins if side == "torch" else compat_builtins
+    torch.manual_seed(0)
+    if kind == "orthogonal_complex":
+        m = nn.Linear(4, 4, dtype=torch.complex128)
+        return builtins.orthogonal(m)
+    m = nn.Linear(4, 3, dtype=torch.float64)
+    return builtins.orthogonal(m, orthogonal_map=kind.removeprefix("orthogonal_"))
+
+
+def _tangents(params: dict) -> dict:
+    gen = torch.Generator().manual_seed(2)
+    return {
+        k: torch.randn(v.shape, dtype=v.dtype, generator=gen) for k, v in sorted(params.items())
+    }
+
+
+def _jvp_by_reverse_mode(f, params: dict, tangents: dict):
+    """The value, J t and J from torch's reverse mode, in one call of ``f`` (for
+    what torch's forward mode does not support: weight norm, spectral norm's
+    training update)."""
+
+    def with_value(p):
+        out = f(p)
+        return out, out
+
+    jac, out = jacrev(with_value, has_aux=True)(params)
+    tangent = sum(
+        (jac[k].reshape(out.numel(), -1) @ tangents[k].reshape(-1)).reshape(out.shape)
+        for k in params
+    )
+    return out, tangent, jac
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", FORWARD_KINDS)
+def test_forward_mode_through_the_weights_matches_torch(kind, training, x):
+    """torch.func.jvp and jacfwd through the weights, and the dual tensors of
+    torch.autograd.forward_ad (with grad on or off), give torch's tangents.
+    torch's weight norm, and its spectral norm in training mode, have no
+    forward-mode formula: their reference is torch's reverse mode. Each
+    measurement starts from a fresh module (spectral norm's training update
+    changes the buffers on every call), and the buffers after it match."""
+    if kind == "orthogonal_complex":
+        x = x.to(torch.complex128)
+    reverse_only = kind == "weight_norm" or (kind == "spectral_norm" and training)
+    got: dict = {}
+    for side in ("torch", "compat"):
+
+        def fresh(side=side):
+            m = _build_forward(side, kind).train(training)
+            params = _params(m)
+            return m, params, _tangents(params), lambda p: functional_call(m, p, (x,))
+
+        m, params, tangents, f = fresh()
+        if side == "torch" and reverse_only:
+            value, tangent, jac = _jvp_by_reverse_mode(f, params, tangents)
+            results = {"value": value, "tangent": tangent, "jac": jac}
+            results.update({f"dual{i}": tangent for i in range(2)})
+            results["buffers"] = {k: b.clone() for k, b in m.named_buffers()}
+            got[side] = results
+            continue
+        value, tangent = jvp(f, (params,), (tangents,))
+        results = {"value": value, "tangent": tangent}
+        results["buffers"] = {k: b.clone() for k, b in m.named_buffers()}
+        if kind != "orthogonal_complex":  # torch.func.jacfwd refuses complex inputs
+            results["jac"] = jacfwd(fresh()[3])(params)
+        for i, grad_on in enumerate((False, True)):
+            _, params, tangents, f = fresh()
+            with fwAD.dual_level(), torch.set_grad_enabled(grad_on):
+                dual = {k: fwAD.make_dual(v, tangents[k]) for k, v in params.items()}
+                results[f"dual{i}"] = fwAD.unpack_dual(f(dual)).tangent
+        got[side] = results
+    if kind == "orthogonal_complex":
+        got["torch"].pop("jac", None)
+    assert got["compat"].keys() == got["torch"].keys()
+    for key in got["torch"]:
+        c, t = got["compat"][key], got["torch"][key]
+        if isinstance(t, dict):
+            _assert_close(c, t)
+        else:
+            torch.testing.assert_close(c, t, rtol=1e-10, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["two_originals", "orthogonal_cayley", "spectral_norm"])
+def test_gradcheck_forward_ad(kind, x):
+    m = _build_forward("compat", kind)
+    names = [k for k, _ in m.named_parameters()]
+
+    def f(*ps):
+        return functional_call(m, dict(zip(names, ps, strict=True)), (x,))
+
+    inputs = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
+    assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True)
+
+
+def test_dual_tensors_that_require_grad(x):
+    """A dual original that also requires grad: the forward keeps both
+    linearizations, and the tangent is torch's; a backward through the dual
+    would owe its gradients a tangent too (torch computes one), and raises."""
+    got = {}
+    for side in ("torch", "compat"):
+        m = _build(side, "spectral_norm").eval()  # torch: no forward mode in training
+        w = m.parametrizations.weight.original
+        tangent = _tangents({"w": w})["w"]
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(w, tangent)
+            out = functional_call(m, {"parametrizations.weight.original": dual}, (x,))
+            got[side] = {"value": out.detach(), "tangent": fwAD.unpack_dual(out).tangent}
+            if side == "compat":
+                with pytest.raises(RuntimeError, match=DOUBLE):
+                    torch.autograd.grad(out.pow(2).sum(), [w])
+    _assert_close(got["compat"], got["torch"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_jvp_inside_vmap_over_weights_matches_torch(kind, x):
+    """vmap(jvp) over stacked weights (an ensemble's directional derivatives)."""
+    got = {}
+    for side in ("torch", "compat"):
+        m, params, buffers = _ensemble(side, kind)
+        tangents = {k: torch.ones_like(v) for k, v in params.items()}
+
+        def tangent(p, t, m=m, b=buffers):
+            return jvp(lambda q: functional_call(m, q, (x,)), (p,), (t,))[1]
+
+        if side == "torch" and kind == "weight_norm":
+            # no forward-mode formula in torch: J t member by member
+            members = []
+            for i in range(3):
+                p = {k: v[i] for k, v in params.items()}
+                b = {k: v[i] for k, v in buffers.items()}
+                members.append(
+                    _jvp_by_reverse_mode(
+                        lambda q, b=b, m=m: functional_call(m, (q, b), (x,)),
+                        p,
+                        {k: v[i] for k, v in tangents.items()},
+                    )[1]
+                )
+            got[side] = torch.stack(members)
+            continue
+
+        def member(p, t, b, m=m):
+            return jvp(lambda q: functional_call(m, (q, b), (x,)), (p,), (t,))[1]
+
+        got[side] = vmap(member)(params, tangents, buffers)
+    torch.testing.assert_close(got["compat"], got["torch"], rtol=1e-10, atol=1e-10)
+
+
+def test_second_order_with_forward_mode_raises(x):
+    """hessian (jacfwd of jacrev), grad of jvp and a dual tensor reaching
+    autograd.grad would each need the bridge's derivatives differentiated
+    again: they raise instead of treating them as constants."""
     m = _build("compat", "orthogonal")
     params = _params(m)
     ones = {k: torch.ones_like(v) for k, v in params.items()}
+    before = {k: v.clone() for k, v in m.state_dict().items()}
 
-    def f(p):
-        return functional_call(m, p, (x,))
+    def loss(p):
+        return functional_call(m, p, (x,)).pow(2).sum()
 
-    with pytest.raises(RuntimeError, match=NO_FORWARD_AD):
-        jvp(f, (params,), (ones,))
-    with pytest.raises(RuntimeError, match=NO_FORWARD_AD):
-        jacfwd(f)(params)
-    with pytest.raises(RuntimeError, match=NO_FORWARD_AD):
-        hessian(lambda p: f(p).sum())(params)
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        hessian(loss)(params)
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        jvp(grad(loss), (params,), (ones,))
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        grad(lambda p: jvp(loss, (p,), (ones,))[1])(params)
     name = "parametrizations.weight.original"
-    for no_grad in (False, True):
-        with fwAD.dual_level(), torch.set_grad_enabled(not no_grad):
-            dual = fwAD.make_dual(params[name], ones[name])
-            with pytest.raises(RuntimeError, match=NO_FORWARD_AD):
-                functional_call(m, {**params, name: dual}, (x,))
+    w = params[name].clone().requires_grad_()
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=DOUBLE):
+        dual = fwAD.make_dual(w, ones[name])
+        torch.autograd.grad(loss({**params, name: dual}), [w], create_graph=True)
     # Nothing was left half-done: the module still works as before.
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     m(x).sum().backward()
 
 
@@ -357,12 +514,12 @@ def test_batched_backward_nests_the_levels_in_torch_order(bdims):
     _bridge._entries.clear()
     m = _build("compat", "two_originals")
     m.weight.pow(2).sum().backward()  # compiles the chain, with grad
-    (entry,) = [e for e in _bridge._entries.values() if e.res_specs is not None]
+    (entry,) = [e for e in _bridge._entries.values() if e.vjp_res is not None]
     originals = [p.detach() for p in m.parametrizations.weight.parameters()]
     a, b = (_bridge._import(o, entry.jdev) for o in originals)
     out = entry.compiled(a, b)
     views = [[a, b][i] for i in entry.diff_pos] + [out[0]]
-    saved = [views[j] for j in entry.saved_used]
+    saved = [views[j] for j in entry.vjp_res.saved_used]
     outer, inner = 2, 3
     sample = torch.randn(3, 4, dtype=torch.float64)
     cts = torch.randn(outer, inner, *sample.shape, dtype=torch.float64)  # [i, j] -> sample
