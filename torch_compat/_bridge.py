@@ -788,6 +788,17 @@ class _Residuals:
         return jax.tree_util.tree_unflatten(self.tree, leaves)
 
 
+@contextlib.contextmanager
+def _forward_mode_errors(name: str):
+    """JAX's refusal to push a tangent through a ``custom_vjp``, in torch's terms."""
+    try:
+        yield
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise NotImplementedError(_NO_FORWARD_MODE.format(name=name, error=e)) from None
+
+
 def _vmapped(fn: Callable[..., Any], levels: Sequence[tuple[int | None, ...]]):
     """``fn(residuals, saved, *batched)`` under one ``jax.vmap`` per torch.func
     vmap level, the first peeled (the innermost ``vmap``) innermost; each
@@ -854,7 +865,8 @@ class _Entry:
 
     def lower_jvp(self) -> Any:
         """The JVP ``(residual leaves, saved inputs, *tangents) -> tangent``, lowered."""
-        return self._lower(self._jvp, self.lin_res, *self.diff_specs)
+        with _forward_mode_errors(self.name):
+            return self._lower(self._jvp, self.lin_res, *self.diff_specs)
 
     def backward(self) -> Any:
         """The compiled VJP (built once, on JAX's client unless built inline)."""
@@ -1109,7 +1121,8 @@ def _compile_entry(
 
     specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
     with _x64_ctx(x64):
-        lowered = jax.jit(fwd_fn, keep_unused=True).trace(*specs).lower()
+        with _forward_mode_errors(name) if fwd else contextlib.nullcontext():
+            lowered = jax.jit(fwd_fn, keep_unused=True).trace(*specs).lower()
     # The saved tensors (diff inputs, then y) the later calls may read.
     all_saved = [specs[i] for i in diff_pos] + ct_spec
     for res in (vjp_res, lin_res):
@@ -1150,6 +1163,8 @@ def _compile_entry(
         with _x64_ctx(x64):
             entry.compiled = lowered.compile()
         _check_compiled(entry.compiled, name)
+        if fwd:  # now, so that a chain without forward mode refuses before it runs
+            entry.forward_jvp()
     _entries[key] = entry
     return entry
 
@@ -1519,6 +1534,13 @@ _DOUBLE_BACKWARD = (
     b"first order. Write the parametrization as a torch module for higher-order derivatives."
 )
 
+
+_NO_FORWARD_MODE = (
+    "Trying to use forward AD with {name} that does not support it: JAX cannot push a "
+    "tangent through it ({error}). A `jax.custom_vjp` has no forward mode; give the "
+    "function a `jax.custom_jvp` instead (JAX derives reverse mode from it), or use "
+    "reverse mode (backward, torch.func.grad, vjp, jacrev)."
+)
 
 _NO_VMAP_OF_GRAD = (
     "torch.func.grad inside torch.func.vmap over a batch of weights works through JAX "

@@ -411,6 +411,42 @@ def test_forward_mode_through_the_weights_matches_torch(kind, training, x):
             torch.testing.assert_close(c, t, rtol=1e-10, atol=1e-10, msg=key)
 
 
+@pytest.mark.parametrize("client", ["inline", "jax"])
+def test_forward_mode_on_either_client_matches_torch(client, x, monkeypatch):
+    """jvp, jacfwd and a jacfwd over two vmap levels (a batch of directions
+    nested twice) on the inline client and on JAX's."""
+    if client == "inline" and _bridge._INLINE.get() is None:
+        pytest.skip("no inline CPU client on this platform")
+    monkeypatch.setattr(_bridge, "_entries", {})  # compile afresh, on the chosen client
+    if client == "jax":
+        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", -1.0)
+    got = {}
+    for side in ("torch", "compat"):
+        m = _build(side, "orthogonal")
+        params = _params(m)
+        tangents = _tangents(params)
+
+        def f(p, m=m):
+            return functional_call(m, p, (x,))
+
+        def push(t, f=f, params=params):
+            return jvp(f, (params,), (t,))[1]
+
+        stacked = {k: torch.stack([v, 2 * v, -v]) for k, v in tangents.items()}
+        nested = {k: torch.stack([v, 0.5 * v]) for k, v in stacked.items()}
+        got[side] = {
+            "jvp": push(tangents),
+            "vmap": vmap(push)(stacked),
+            "vmap2": vmap(vmap(push), in_dims=(1,))(
+                {k: v.transpose(0, 1) for k, v in nested.items()}
+            ),
+            **{f"jac/{k}": v for k, v in jacfwd(f)(params).items()},
+        }
+    _assert_close(got["compat"], got["torch"])
+    assert _bridge._entries
+    assert all((e.jdev is None) == (client == "jax") for e in _bridge._entries.values())
+
+
 @pytest.mark.parametrize("kind", ["two_originals", "orthogonal_cayley", "spectral_norm"])
 def test_gradcheck_forward_ad(kind, x):
     m = _build_forward("compat", kind)
@@ -474,6 +510,35 @@ def test_jvp_inside_vmap_over_weights_matches_torch(kind, x):
 
         got[side] = vmap(member)(params, tangents, buffers)
     torch.testing.assert_close(got["compat"], got["torch"], rtol=1e-10, atol=1e-10)
+
+
+def test_forward_mode_through_a_custom_vjp_raises_as_torch(x):
+    """A JAX link with a custom VJP (here a gradient clip) has no forward mode:
+    torch's prefix for an op without a forward-mode formula
+    (``NotImplementedError``), and the module is unchanged and usable."""
+    import jax
+
+    @jax.custom_vjp
+    def clip(w):
+        return w
+
+    clip.defvjp(lambda w: (w, None), lambda _, g: (jnp.clip(g, -1, 1),))
+    m = nn.Linear(4, 3, dtype=torch.float64)
+    compat_P.register_parametrization(m, "weight", clip)
+    params = _params(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ones = {k: torch.ones_like(v) for k, v in params.items()}
+    with pytest.raises(NotImplementedError, match="Trying to use forward AD with") as err:
+        jvp(lambda p: functional_call(m, p, (x,)), (params,), (ones,))
+    assert "custom_jvp" in str(err.value) and "`clip`" in str(err.value)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward AD"):
+        functional_call(m, {**params, "bias": fwAD.make_dual(params["bias"], ones["bias"])}, (x,))
+        name = "parametrizations.weight.original"
+        functional_call(m, {**params, name: fwAD.make_dual(params[name], ones[name])}, (x,))
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    m(x).sum().backward()
+    assert m.parametrizations.weight.original.grad.abs().max() <= 1
 
 
 def test_second_order_with_forward_mode_raises(x):
