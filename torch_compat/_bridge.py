@@ -1259,6 +1259,12 @@ def _backward_entry(ctx, grad: torch.Tensor):
         # A tangent would flow into our gradients, constants to forward mode.
         raise RuntimeError(_DOUBLE_BACKWARD.decode())
     if _functorch.maybe_current_level() is None:
+        if _functorch.is_legacy_batchedtensor(grad):  # gradcheck's check_batched_grad
+            levels, (t,) = _legacy_unbatch([grad])
+            bwd = ctx.entry.batched_backward(tuple(a for _, (a,) in levels), tuple(t.shape))
+            with torch.no_grad():
+                result = _backward(ctx, t.contiguous(), bwd)
+            return (None, *(r if r is None else _legacy_batch(r, levels) for r in result))
         if not torch.is_grad_enabled():  # the usual backward
             return (None, *_backward(ctx, grad))
         with torch.no_grad():  # create_graph=True
@@ -1414,7 +1420,15 @@ def _jvp_entry(ctx, _entry: None, *tangents: torch.Tensor | None) -> torch.Tenso
             for level, _ in reversed(levels):  # the outermost vmap (lowest level) first
                 y_dot = _functorch._add_batch_dim(y_dot, 0, level)
         else:
-            y_dot = _jvp_call(ctx, entry.forward_jvp(), [_innermost(t) for t in ts])
+            if not transforms and any(map(_functorch.is_legacy_batchedtensor, ts)):
+                # gradcheck's check_batched_forward_grad
+                levels, ts = _legacy_unbatch(ts)
+                jvp = entry.batched_forward_jvp(
+                    tuple(a for _, a in levels), tuple(tuple(t.shape) for t in ts)
+                )
+                y_dot = _legacy_batch(_jvp_call(ctx, jvp, ts), levels)
+            else:
+                y_dot = _jvp_call(ctx, entry.forward_jvp(), [_innermost(t) for t in ts])
     if not transforms:
         # The tangent is a constant to torch autograd: differentiating it again
         # (reverse over forward) raises rather than dropping terms.
@@ -1423,6 +1437,40 @@ def _jvp_entry(ctx, _entry: None, *tangents: torch.Tensor | None) -> torch.Tenso
         _once_differentiable(result, deps)
         y_dot = result[0]  # type: ignore[assignment]
     return y_dot
+
+
+def _legacy_unbatch(tensors: Sequence[torch.Tensor]):
+    """Peels the levels of torch's legacy vmap (``torch._vmap_internals``, which
+    ``gradcheck`` uses for ``check_batched_grad``) off ``tensors``.
+
+    Returns the levels as peeled (the innermost first, with each tensor's batch
+    dimension: 0, or ``None`` for a tensor that is not batched) and the plain
+    tensors, their batch dimensions in front, the outermost level's first. A
+    batched tensor must be batched at every active level (gradcheck's are).
+    """
+    top = torch._C._vmapmode_increment_nesting() - 1
+    torch._C._vmapmode_decrement_nesting()
+    levels: list[tuple[int, tuple[int | None, ...]]] = []
+    out = list(tensors)
+    batched = [_functorch.is_legacy_batchedtensor(t) for t in out]
+    for level in range(top, 0, -1):
+        for i, t in enumerate(out):
+            if batched[i]:
+                try:
+                    out[i] = torch._remove_batch_dim(t, level, -1, 0)
+                except RuntimeError as e:
+                    raise RuntimeError(_NO_LEGACY_VMAP) from e
+        levels.append((level, tuple(0 if b else None for b in batched)))
+    if any(map(_functorch.is_legacy_batchedtensor, out)):
+        raise RuntimeError(_NO_LEGACY_VMAP)
+    return levels, out
+
+
+def _legacy_batch(t: torch.Tensor, levels) -> torch.Tensor:
+    """`_legacy_unbatch`'s reverse for a result with the batch dimensions in front."""
+    for level, _ in reversed(levels):  # the outermost level first
+        t = torch._add_batch_dim(t, 0, level)
+    return t
 
 
 def _unwrap_jvp(t: torch.Tensor) -> torch.Tensor:
@@ -1542,6 +1590,12 @@ _NO_FORWARD_MODE = (
     "reverse mode (backward, torch.func.grad, vjp, jacrev)."
 )
 
+_NO_LEGACY_VMAP = (
+    "torch's legacy vmap (torch._vmap_internals.vmap) reaches JAX parametrizations "
+    "only through a batched cotangent or tangent, as gradcheck's check_batched_grad "
+    "and check_batched_forward_grad do. Use torch.func.vmap."
+)
+
 _NO_VMAP_OF_GRAD = (
     "torch.func.grad inside torch.func.vmap over a batch of weights works through JAX "
     "parametrizations with one vmap level directly around the grad; here there are "
@@ -1649,6 +1703,8 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
         params, bufs = link._jax_state()
         tensors.extend(params)
         tensors.extend(bufs)
+    if any(map(_functorch.is_legacy_batchedtensor, tensors)):
+        raise RuntimeError(_NO_LEGACY_VMAP)
     transforms = torch._C._are_functorch_transforms_active()
     fwd = (transforms or _fwad._current_level >= 0) and _has_tangents(tensors, transforms)
     grad = _needs_grad(tensors)

@@ -447,16 +447,34 @@ def test_forward_mode_on_either_client_matches_torch(client, x, monkeypatch):
     assert all((e.jdev is None) == (client == "jax") for e in _bridge._entries.values())
 
 
-@pytest.mark.parametrize("kind", ["two_originals", "orthogonal_cayley", "spectral_norm"])
-def test_gradcheck_forward_ad(kind, x):
-    m = _build_forward("compat", kind)
+@pytest.mark.parametrize(
+    "kind",
+    ["two_originals", "weight_norm", "orthogonal_complex", "orthogonal_cayley", "spectral_norm"],
+)
+def test_gradcheck_forward_ad_and_batched_grads(kind, x):
+    """gradcheck with forward mode and its batched checks, which run the
+    bridge's backward and jvp under torch's legacy vmap (torch._vmap_internals);
+    spectral norm in eval mode, as torch's tests check it. (Householder's
+    ``int()`` of the diagonal makes a finite difference jump at ``-I``.)"""
+    if kind == "orthogonal_complex":
+        x = x.to(torch.complex128)
+    m = _build_forward("compat", kind).eval()
     names = [k for k, _ in m.named_parameters()]
 
     def f(*ps):
         return functional_call(m, dict(zip(names, ps, strict=True)), (x,))
 
     inputs = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
-    assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True)
+    assert torch.autograd.gradcheck(
+        f, inputs, check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True
+    )
+    # The legacy vmap over the chain's inputs themselves is refused clearly.
+    from torch._vmap_internals import _vmap
+
+    name = names[-1]
+    stacked = torch.stack([inputs[-1].detach()] * 2)
+    with pytest.raises(RuntimeError, match="Use torch.func.vmap"):
+        _vmap(lambda w: functional_call(m, {name: w}, (x,)))(stacked)
 
 
 def test_dual_tensors_that_require_grad(x):
