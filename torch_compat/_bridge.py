@@ -1590,6 +1590,20 @@ _NO_FORWARD_MODE = (
     "reverse mode (backward, torch.func.grad, vjp, jacrev)."
 )
 
+_TRACING_MODES = (
+    torch._C._TorchDispatchModeKey.PROXY,
+    torch._C._TorchDispatchModeKey.FAKE,
+    torch._C._TorchDispatchModeKey.FUNCTIONAL,
+)
+
+_NO_GRAPH_TRACING = (
+    "JAX parametrizations cannot be traced into a torch graph (make_fx, which "
+    "torch.func.linearize uses, or torch.export): the JAX call is opaque to torch, "
+    "and its result would be recorded as a constant. Use torch.func.jvp (or vmap over "
+    "jvp) instead of linearize; torch.compile works, with a graph break at the "
+    "parametrization."
+)
+
 _NO_LEGACY_VMAP = (
     "torch's legacy vmap (torch._vmap_internals.vmap) reaches JAX parametrizations "
     "only through a batched cotangent or tangent, as gradcheck's check_batched_grad "
@@ -1705,6 +1719,10 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
         tensors.extend(bufs)
     if any(map(_functorch.is_legacy_batchedtensor, tensors)):
         raise RuntimeError(_NO_LEGACY_VMAP)
+    if any(torch._C._get_dispatch_mode(k) is not None for k in _TRACING_MODES):
+        # make_fx would bake the JAX call's result into its graph as a constant;
+        # fake tensors (torch.export) have no data for JAX to read.
+        raise RuntimeError(_NO_GRAPH_TRACING)
     transforms = torch._C._are_functorch_transforms_active()
     fwd = (transforms or _fwad._current_level >= 0) and _has_tangents(tensors, transforms)
     grad = _needs_grad(tensors)

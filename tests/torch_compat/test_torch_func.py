@@ -618,3 +618,36 @@ def test_batched_backward_nests_the_levels_in_torch_order(bdims):
                 torch.testing.assert_close(
                     _bridge.to_torch(g)[i, j], _bridge.to_torch(w), rtol=1e-12, atol=1e-12
                 )
+
+
+def test_graph_tracing_raises_clearly(x):
+    """make_fx (which torch.func.linearize uses) and torch.export would record the
+    JAX call's result as a constant (linearize returned NaN tangents, the traced
+    ones of its uninitialized tangents): they raise instead, and the module is
+    unchanged; torch.func.jvp gives what linearize would."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    m = _build("compat", "orthogonal")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    params = _params(m)
+
+    def f(p):
+        return functional_call(m, p, (x,))
+
+    tracing = "cannot be traced into a torch graph"
+    with pytest.raises(RuntimeError, match=tracing):
+        torch.func.linearize(f, params)
+    with pytest.raises(RuntimeError, match=tracing):
+        make_fx(f)(params)
+    with pytest.raises(RuntimeError, match=tracing):
+        torch.export.export(m, (x,), strict=False)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    ref = _build("torch", "orthogonal")
+    ones = {k: torch.ones_like(v) for k, v in params.items()}
+    torch.testing.assert_close(
+        jvp(f, (params,), (ones,))[1],
+        jvp(lambda p: functional_call(ref, p, (x,)), (params,), (ones,))[1],
+        rtol=1e-10,
+        atol=1e-10,
+    )
