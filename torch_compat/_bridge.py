@@ -1578,7 +1578,8 @@ _DOUBLE_BACKWARD = (
     b"JAX parametrizations do not support double backward or other second derivatives "
     b"through them (a gradient differentiated again, with `create_graph=True` or nested "
     b"torch.func transforms; hessian; jvp of grad or grad of jvp; a backward inside "
-    b"forward_ad.dual_level whose inputs carry tangents): the bridge's derivatives are "
+    b"forward_ad.dual_level whose inputs carry tangents; torch.autograd.functional.jvp, "
+    b"which differentiates a gradient: use torch.func.jvp): the bridge's derivatives are "
     b"first order. Write the parametrization as a torch module for higher-order derivatives."
 )
 

@@ -582,6 +582,12 @@ def test_second_order_with_forward_mode_raises(x):
     with fwAD.dual_level(), pytest.raises(RuntimeError, match=DOUBLE):
         dual = fwAD.make_dual(w, ones[name])
         torch.autograd.grad(loss({**params, name: dual}), [w], create_graph=True)
+    # torch.autograd.functional.jvp differentiates a gradient (the double-vjp
+    # trick): refused, pointing to torch.func.jvp.
+    with pytest.raises(RuntimeError, match="use torch.func.jvp"):
+        torch.autograd.functional.jvp(
+            lambda w: functional_call(m, {**params, name: w}, (x,)), params[name], ones[name]
+        )
     # Nothing was left half-done: the module still works as before.
     for k, v in m.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
