@@ -823,6 +823,8 @@ class _Entry:
         "compiled",
         "diff_pos",
         "diff_specs",
+        "in_specs",
+        "in_jvp",
         "buf_pos",
         "mutated",
         "conj",
@@ -879,6 +881,27 @@ class _Entry:
         if self.jvp is None:
             self.jvp = self._compile(self.lower_jvp(), "JVP")
         return self.jvp
+
+    def input_jvp(self) -> Any:
+        """The compiled JVP of the chain at its inputs, ``(inputs, tangents) ->
+        tangent`` (the forward recomputed; for `_CotangentLinear`)."""
+        if self.in_jvp is None:
+            core, diff_pos = self.core, self.diff_pos
+
+            def jvp(flat, tangents):
+                def f(*diff):
+                    full = list(flat)
+                    for i, d in zip(diff_pos, diff, strict=True):
+                        full[i] = d
+                    return core(full)[0]
+
+                with forward_mode_ad():
+                    return jax.jvp(f, [flat[i] for i in diff_pos], list(tangents))[1]
+
+            with _forward_mode_errors(self.name), _x64_ctx(self.x64):
+                lowered = jax.jit(jvp).trace(self.in_specs, self.diff_specs).lower()
+            self.in_jvp = self._compile(lowered, "JVP")
+        return self.in_jvp
 
     def batched_backward(self, bdims: tuple[int, ...], ct_shape: tuple[int, ...]) -> Any:
         """The compiled VJP of a cotangent batched by torch.func.vmap.
@@ -1133,6 +1156,7 @@ def _compile_entry(
         cpu=all(t.device.type == "cpu" for t in tensors),
         diff_pos=diff_pos,
         diff_specs=[specs[i] for i in diff_pos],
+        in_specs=specs,
         buf_pos=tuple(buf_pos),
         mutated=tuple(mutated),
         conj=bool(complex_pos) or jnp.issubdtype(ct_spec[0].dtype, jnp.complexfloating),
@@ -1247,6 +1271,9 @@ def _setup(ctx, entry: _Entry, tensors: Sequence[torch.Tensor], y: torch.Tensor,
         # Saved (inputs and output) so that torch's version counter catches
         # an in-place edit between forward and backward.
         ctx.save_for_backward(*(tensors[i] for i in entry.diff_pos), y)
+        # For `_CotangentLinear` (create_graph=True): the forward's inputs, as
+        # imported (views of torch's memory, no copies).
+        ctx.inputs, ctx.arrays = tensors, arrays
     if entry.lin_res is not None:  # forward mode: torch calls `jvp` right after
         ctx.lin_residuals = out[3]
         ctx.lin_views = entry.lin_res.views(arrays, entry.diff_pos, out[0])
@@ -1269,7 +1296,8 @@ def _backward_entry(ctx, grad: torch.Tensor):
             return (None, *_backward(ctx, grad))
         with torch.no_grad():  # create_graph=True
             result = _backward(ctx, grad)
-            _once_differentiable(result, (grad, *saved))
+            if not _linear_in_cotangent(ctx, result, grad, saved):
+                _once_differentiable(result, (grad, *saved))
         return (None, *result)
     if _differentiating_levels() > 1:
         # torch.func.grad of torch.func.grad (or jacrev of grad, ...): the
@@ -1551,6 +1579,62 @@ class _JaxFunctionInTransforms(torch.autograd.Function):
     jvp = staticmethod(_jvp_entry)
 
 
+class _CotangentLinear(torch.autograd.Function):
+    """Our gradients ``J^T u`` as a function of the cotangent ``u`` alone.
+
+    Differentiating them with respect to ``u`` along ``w`` gives ``J w``: first
+    order, what ``torch.autograd.functional.jvp`` asks for (the double-vjp
+    trick). The backward runs the chain's JVP at the forward's inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, bridge_ctx, out_idx, grad, *results):  # type: ignore[override]
+        ctx.bridge, ctx.out_idx = bridge_ctx, out_idx
+        return tuple(r.view_as(r) for r in results)
+
+    @staticmethod
+    def backward(ctx, *ws):  # type: ignore[override]
+        bridge = ctx.bridge
+        entry: _Entry = bridge.entry
+        tangents = []
+        for i, spec in zip(entry.diff_pos, entry.diff_specs, strict=True):
+            w = ws[ctx.out_idx.index(i)] if i in ctx.out_idx else None
+            like = bridge.inputs[i]
+            if w is None:
+                w = torch.zeros(spec.shape, dtype=like.dtype, device=like.device)
+            tangents.append(_import(w.contiguous(), entry.jdev))
+        with torch.no_grad(), _x64_ctx(entry.x64):
+            y_dot = entry.input_jvp()(bridge.arrays, tangents)
+        return (None, None, _export(y_dot, entry.cpu), *([None] * len(ws)))
+
+
+def _linear_in_cotangent(ctx, result: list[torch.Tensor | None], grad, saved) -> bool:
+    """With ``create_graph=True``, makes ``result`` differentiable in the
+    cotangent ``grad`` (exactly, `_CotangentLinear`), while differentiating it
+    toward the saved inputs (second order) raises, in place. ``False`` where
+    that cannot be done: a complex chain (left to `_once_differentiable`), one
+    that updated its buffers in place (its inputs are gone), or a cotangent
+    that does not require grad."""
+    entry: _Entry = ctx.entry
+    if not grad.requires_grad or entry.conj or entry.mutated:
+        return False
+    out_idx = tuple(i for i, r in enumerate(result) if r is not None)
+    if not out_idx:
+        return False
+    with torch.enable_grad():
+        outs = list(_CotangentLinear.apply(ctx, out_idx, grad, *(result[i] for i in out_idx)))
+        deps = [s for s in saved if s.requires_grad]
+        if deps:
+            # A zero that depends on the saved inputs through a node whose backward
+            # raises: an empty slice, so no inf or NaN in them can leak into it.
+            aliases = _DelayedError(_DOUBLE_BACKWARD, len(deps))(*deps)
+            zero = sum(a.reshape(-1)[:0].sum() for a in aliases)
+            outs = [o + (zero.real if zero.is_complex() else zero) for o in outs]
+    for i, o in zip(out_idx, outs, strict=True):
+        result[i] = o
+    return True
+
+
 def _once_differentiable(result: list[torch.Tensor | None], inputs: Sequence[torch.Tensor]) -> None:
     """Makes differentiating the gradients in ``result`` again raise, in place.
 
@@ -1578,9 +1662,10 @@ _DOUBLE_BACKWARD = (
     b"JAX parametrizations do not support double backward or other second derivatives "
     b"through them (a gradient differentiated again, with `create_graph=True` or nested "
     b"torch.func transforms; hessian; jvp of grad or grad of jvp; a backward inside "
-    b"forward_ad.dual_level whose inputs carry tangents; torch.autograd.functional.jvp, "
-    b"which differentiates a gradient: use torch.func.jvp): the bridge's derivatives are "
-    b"first order. Write the parametrization as a torch module for higher-order derivatives."
+    b"forward_ad.dual_level whose inputs carry tangents; torch.autograd.functional.jvp "
+    b"through a complex chain or one that updates its buffers, such as spectral norm in "
+    b"training mode: use torch.func.jvp): the bridge's derivatives are first order. "
+    b"Write the parametrization as a torch module for higher-order derivatives."
 )
 
 

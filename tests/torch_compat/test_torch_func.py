@@ -582,11 +582,12 @@ def test_second_order_with_forward_mode_raises(x):
     with fwAD.dual_level(), pytest.raises(RuntimeError, match=DOUBLE):
         dual = fwAD.make_dual(w, ones[name])
         torch.autograd.grad(loss({**params, name: dual}), [w], create_graph=True)
-    # torch.autograd.functional.jvp differentiates a gradient (the double-vjp
-    # trick): refused, pointing to torch.func.jvp.
-    with pytest.raises(RuntimeError, match="use torch.func.jvp"):
-        torch.autograd.functional.jvp(
-            lambda w: functional_call(m, {**params, name: w}, (x,)), params[name], ones[name]
+    # torch.autograd.functional.hvp differentiates a gradient toward the weights.
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        torch.autograd.functional.hvp(
+            lambda w: functional_call(m, {**params, name: w}, (x,)).pow(2).sum(),
+            params[name],
+            ones[name],
         )
     # Nothing was left half-done: the module still works as before.
     for k, v in m.state_dict().items():
@@ -624,6 +625,53 @@ def test_batched_backward_nests_the_levels_in_torch_order(bdims):
                 torch.testing.assert_close(
                     _bridge.to_torch(g)[i, j], _bridge.to_torch(w), rtol=1e-12, atol=1e-12
                 )
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "orthogonal_cayley", "orthogonal_householder"])
+def test_autograd_functional_jvp_matches_torch(kind, x):
+    """torch.autograd.functional.jvp differentiates a gradient with respect to
+    the cotangent (the double-vjp trick): first order, J w, computed by the
+    chain's JVP at the forward's inputs; matches torch's. Its vjp and jacobian
+    too. Differentiating the same gradient toward the weights still raises."""
+    got = {}
+    for side in ("torch", "compat"):
+        m = _build_forward(side, kind).eval()
+        names = [k for k, _ in m.named_parameters()]
+        ps = tuple(p.detach() for p in m.parameters())
+        tangents = tuple(_tangents(dict(zip(names, ps, strict=True))).values())
+
+        def f(*qs, m=m, names=names):
+            return functional_call(m, dict(zip(names, qs, strict=True)), (x,))
+
+        value, tangent = torch.autograd.functional.jvp(f, ps, tangents)
+        got[side] = {"value": value, "tangent": tangent}
+        got[side]["vjp"] = torch.autograd.functional.vjp(f, ps, torch.ones_like(value))[1][-1]
+        got[side]["jacobian"] = torch.autograd.functional.jacobian(f, ps)[-1]
+    _assert_close(got["compat"], got["torch"])
+    # the first-order gradient built with create_graph, differentiated toward a weight
+    m = _build_forward("compat", kind).eval()
+    w = list(m.parametrizations.weight.parameters())
+    u = torch.ones(5, 3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x), w[:1], u, create_graph=True)
+    (ju,) = torch.autograd.grad(g, u, torch.ones_like(g), retain_graph=True)  # first order
+    assert ju.shape == u.shape
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        torch.autograd.grad(g, w[:1], torch.ones_like(g))
+
+
+def test_autograd_functional_jvp_of_a_complex_or_updating_chain_raises(x):
+    """Where J w cannot be computed at the forward's inputs (spectral norm in
+    training mode has already updated its buffers in place; complex chains are
+    left out), the double-vjp trick raises, pointing to torch.func.jvp."""
+    m = _build("compat", "spectral_norm").train()
+    params = _params(m)
+    name = "parametrizations.weight.original"
+    with pytest.raises(RuntimeError, match="use torch.func.jvp"):
+        torch.autograd.functional.jvp(
+            lambda w: functional_call(m, {**params, name: w}, (x,)),
+            params[name],
+            torch.ones_like(params[name]),
+        )
 
 
 def test_graph_tracing_raises_clearly(x):
