@@ -377,9 +377,8 @@ def test_orthogonal_forward_mode_matches_torch(shape, orthogonal_map, dtype, x64
         Q, dQ = jax.jit(lambda *a: jax.jvp(fun, a[:2], a[2:]))(X, base, dX, dbase)
     assert_close(Q, tQ, dtype)
     assert_close(dQ, tdQ, dtype)
-    if orthogonal_map != "matrix_exp":  # no context needed, and reverse mode still works
+    if orthogonal_map != "matrix_exp":  # no context needed (reverse mode: the tests above)
         assert_close(jax.jvp(fun, (X, base), (dX, dbase))[1], tdQ, dtype)
-        _run(shape, orthogonal_map, dtype, use_trivialization=True)
 
 
 def test_matrix_exp_reverse_mode_refuses_inside_forward_mode_ad():
