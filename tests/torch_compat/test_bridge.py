@@ -570,6 +570,7 @@ def test_host_callbacks_stay_on_jax_client(capfd):
     assert entry.jdev is None
 
 
+@pytest.mark.slow  # three fresh processes, ~17 s
 def test_process_exits_cleanly_right_after_a_jax_client_call():
     # A call on JAX's (asynchronous) client is cleaned up by one of its worker
     # threads; that must never release the last reference to a torch tensor while
