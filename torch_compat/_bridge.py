@@ -889,14 +889,9 @@ class _Entry:
             core, diff_pos = self.core, self.diff_pos
 
             def jvp(flat, tangents):
-                def f(*diff):
-                    full = list(flat)
-                    for i, d in zip(diff_pos, diff, strict=True):
-                        full[i] = d
-                    return core(full)[0]
-
+                f = _of_diff(core, flat, diff_pos)
                 with forward_mode_ad():
-                    return jax.jvp(f, [flat[i] for i in diff_pos], list(tangents))[1]
+                    return jax.jvp(f, [flat[i] for i in diff_pos], list(tangents))[1][0]
 
             with _forward_mode_errors(self.name), _x64_ctx(self.x64):
                 lowered = jax.jit(jvp).trace(self.in_specs, self.diff_specs).lower()
@@ -1097,6 +1092,19 @@ def _batched_entry(
         )
 
 
+def _of_diff(core, flat: Sequence[Any], diff_pos: Sequence[int]) -> Callable[..., Any]:
+    """The chain ``core`` as a function of its differentiable inputs, the other
+    inputs fixed to ``flat``'s (trace time)."""
+
+    def f(*diff):
+        full = list(flat)
+        for i, d in zip(diff_pos, diff, strict=True):
+            full[i] = d
+        return core(full)
+
+    return f
+
+
 def _compile_entry(
     key, core, n_x, param_pos, buf_pos, tensors, grad: bool, name: str, fwd: bool = False
 ) -> _Entry:
@@ -1115,12 +1123,7 @@ def _compile_entry(
     ct_spec: list[Any] = []
 
     def fwd_fn(*flat):
-        def f(*diff):
-            full = list(flat)
-            for i, d in zip(diff_pos, diff, strict=True):
-                full[i] = d
-            return core(full)
-
+        f = _of_diff(core, flat, diff_pos)
         primals = [flat[i] for i in diff_pos]
         vjp_leaves: list[Any] = []
         lin_leaves: list[Any] = []
@@ -1263,6 +1266,9 @@ def _innermost(t: torch.Tensor) -> torch.Tensor:
 
 def _setup(ctx, entry: _Entry, tensors: Sequence[torch.Tensor], y: torch.Tensor, out, arrays):
     ctx.entry = entry
+    # The forward's inputs, and as imported (views of torch's memory, no copies):
+    # for the jvp's zero tangents and for `_CotangentLinear` (create_graph=True).
+    ctx.inputs, ctx.arrays = tensors, arrays
     if entry.vjp_res is not None:
         ctx.residuals = out[2]  # JAX arrays, never exposed to torch
         # The backward's saved inputs, as the forward's views of the same memory
@@ -1271,13 +1277,9 @@ def _setup(ctx, entry: _Entry, tensors: Sequence[torch.Tensor], y: torch.Tensor,
         # Saved (inputs and output) so that torch's version counter catches
         # an in-place edit between forward and backward.
         ctx.save_for_backward(*(tensors[i] for i in entry.diff_pos), y)
-        # For `_CotangentLinear` (create_graph=True): the forward's inputs, as
-        # imported (views of torch's memory, no copies).
-        ctx.inputs, ctx.arrays = tensors, arrays
     if entry.lin_res is not None:  # forward mode: torch calls `jvp` right after
         ctx.lin_residuals = out[3]
         ctx.lin_views = entry.lin_res.views(arrays, entry.diff_pos, out[0])
-        ctx.lin_inputs = [tensors[i] for i in entry.diff_pos]
 
 
 def _backward_entry(ctx, grad: torch.Tensor):
@@ -1414,7 +1416,7 @@ def _jvp_entry(ctx, _entry: None, *tangents: torch.Tensor | None) -> torch.Tenso
     for k, i in enumerate(entry.diff_pos):
         t = tangents[i]
         if t is None:  # zeros in the shape the (possibly batched) entry takes
-            like = _innermost(ctx.lin_inputs[k])
+            like = _innermost(ctx.inputs[i])
             t = torch.zeros(entry.diff_specs[k].shape, dtype=like.dtype, device=like.device)
         ts.append(t)
     with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
@@ -1440,27 +1442,19 @@ def _jvp_entry(ctx, _entry: None, *tangents: torch.Tensor | None) -> torch.Tenso
                 in_axes, ts = _peel_vmap_level(ts, level)
                 levels.append((level, tuple(in_axes)))
                 ts = [_unwrap_jvp(t) for t in ts]
-            ts = [t.contiguous() for t in ts]
-            jvp = entry.batched_forward_jvp(
-                tuple(a for _, a in levels), tuple(tuple(t.shape) for t in ts)
-            )
-            y_dot = _jvp_call(ctx, jvp, ts)
+            y_dot = _batched_jvp_call(ctx, levels, ts)
             for level, _ in reversed(levels):  # the outermost vmap (lowest level) first
                 y_dot = _functorch._add_batch_dim(y_dot, 0, level)
+        elif not transforms and any(map(_functorch.is_legacy_batchedtensor, ts)):
+            # gradcheck's check_batched_forward_grad
+            levels, ts = _legacy_unbatch(ts)
+            y_dot = _legacy_batch(_batched_jvp_call(ctx, levels, ts), levels)
         else:
-            if not transforms and any(map(_functorch.is_legacy_batchedtensor, ts)):
-                # gradcheck's check_batched_forward_grad
-                levels, ts = _legacy_unbatch(ts)
-                jvp = entry.batched_forward_jvp(
-                    tuple(a for _, a in levels), tuple(tuple(t.shape) for t in ts)
-                )
-                y_dot = _legacy_batch(_jvp_call(ctx, jvp, ts), levels)
-            else:
-                y_dot = _jvp_call(ctx, entry.forward_jvp(), [_innermost(t) for t in ts])
+            y_dot = _jvp_call(ctx, entry.forward_jvp(), [_innermost(t) for t in ts])
     if not transforms:
         # The tangent is a constant to torch autograd: differentiating it again
         # (reverse over forward) raises rather than dropping terms.
-        deps = [t for t in tangents if t is not None] + list(ctx.lin_inputs)
+        deps = [t for t in tangents if t is not None] + [ctx.inputs[i] for i in entry.diff_pos]
         result: list[torch.Tensor | None] = [y_dot]
         _once_differentiable(result, deps)
         y_dot = result[0]  # type: ignore[assignment]
@@ -1506,6 +1500,17 @@ def _unwrap_jvp(t: torch.Tensor) -> torch.Tensor:
     while _functorch.is_functorch_wrapped_tensor(t) and not _functorch.is_batchedtensor(t):
         t = _functorch.get_unwrapped(t)
     return t
+
+
+def _batched_jvp_call(ctx, levels, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`_jvp_call` with the entry's JVP under one ``jax.vmap`` per peeled vmap
+    level (``levels``: ``(level, batch dimension of each tangent)``, the
+    innermost first); the batch dimensions come out in front."""
+    tangents = [t.contiguous() for t in tangents]
+    jvp = ctx.entry.batched_forward_jvp(
+        tuple(a for _, a in levels), tuple(tuple(t.shape) for t in tangents)
+    )
+    return _jvp_call(ctx, jvp, tangents)
 
 
 def _jvp_call(ctx, jvp: Any, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -1713,36 +1718,34 @@ _NO_VMAP_BUFFERS = (
 )
 
 
-def _has_tangents(tensors: Sequence[torch.Tensor], transforms: bool) -> bool:
-    """Whether an input may carry a forward-mode tangent (the forward must then
-    keep its linearization for `_jvp_entry`)."""
-    if transforms and any(
+def _jvp_level_active() -> bool:
+    """Whether torch.func.jvp (or jacfwd, hessian) is among the active transforms."""
+    return _functorch.maybe_current_level() is not None and any(
         i.key() == _functorch.TransformType.Jvp for i in _functorch.get_interpreter_stack()
-    ):
-        # Under torch.func.jvp (or jacfwd, hessian), a wrapped input may carry a
-        # tangent at the Jvp level.
-        if any(_functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-            return True
-    if _fwad._current_level >= 0:
-        return any(
-            not _functorch.is_functorch_wrapped_tensor(t)
-            and _fwad.unpack_dual(t).tangent is not None
-            for t in tensors
-        )
-    return False
+    )
+
+
+def _any_dual(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a plain tensor carries a tangent of torch.autograd.forward_ad."""
+    return _fwad._current_level >= 0 and any(
+        not _functorch.is_functorch_wrapped_tensor(t) and _fwad.unpack_dual(t).tangent is not None
+        for t in tensors
+    )
+
+
+def _has_tangents(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether an input may carry a forward-mode tangent (the forward must then
+    keep its linearization for `_jvp_entry`): under torch.func.jvp, a wrapped
+    input may carry one at the Jvp level."""
+    if _jvp_level_active() and any(map(_functorch.is_functorch_wrapped_tensor, tensors)):
+        return True
+    return _any_dual(tensors)
 
 
 def _forward_over_reverse(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether a backward runs inside forward mode (``hessian``, that is jacfwd
     of jacrev, jvp of grad, or a dual tensor reaching ``autograd.grad``)."""
-    if _functorch.maybe_current_level() is not None and any(
-        i.key() == _functorch.TransformType.Jvp for i in _functorch.get_interpreter_stack()
-    ):
-        return True
-    return _fwad._current_level >= 0 and any(
-        not _functorch.is_functorch_wrapped_tensor(t) and _fwad.unpack_dual(t).tangent is not None
-        for t in tensors
-    )
+    return _jvp_level_active() or _any_dual(tensors)
 
 
 def _differentiating_levels() -> int:
@@ -1810,7 +1813,7 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
         # fake tensors (torch.export) have no data for JAX to read.
         raise RuntimeError(_NO_GRAPH_TRACING)
     transforms = torch._C._are_functorch_transforms_active()
-    fwd = (transforms or _fwad._current_level >= 0) and _has_tangents(tensors, transforms)
+    fwd = (transforms or _fwad._current_level >= 0) and _has_tangents(tensors)
     grad = _needs_grad(tensors)
     return _call(_get_entry(links, tensors, grad, fwd), tensors, grad, transforms)
 
