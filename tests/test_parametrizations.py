@@ -396,6 +396,51 @@ def test_orthogonal_stays_orthogonal_after_many_large_steps(m):
     assert err <= 10 * n * float(jnp.finfo(jnp.float32).eps), err
 
 
+@pytest.mark.parametrize("builtin", ["weight_norm", "spectral_norm"])
+def test_norms_forward_mode_matches_torch(builtin):
+    """jax.jvp of the weight an NNX norm computes, along tangents on its
+    originals, against torch's J t for the same weight (torch's weight_norm has
+    no forward mode, so J comes from torch.func.jacrev), layouts transposed."""
+    t, f, _ = linear_pair(5, 4)
+    if builtin == "weight_norm":
+        TP.weight_norm(t, "weight")
+        weight_norm(f)
+    else:
+        TP.spectral_norm(t, "weight")
+        spectral_norm(f, rngs=nnx.Rngs(0))
+        copy_torch_vectors(t, f, "kernel", "linear")
+    t.eval()
+    f.eval()
+    names = [n for n, _ in t.parametrizations.weight.named_parameters()]
+    t_orig = {n: p.detach() for n, p in t.parametrizations.weight.named_parameters()}
+    rng = np.random.default_rng(3)
+    t_tan = {
+        n: torch.from_numpy(rng.standard_normal(p.shape).astype(np.float32))
+        for n, p in t_orig.items()
+    }
+    graphdef, params, rest = nnx.split(f, nnx.Param, ...)
+    originals = params["parametrizations"]["kernel"]
+    for n in names:  # the same numbers, in flax's layout (transposed)
+        np.testing.assert_allclose(np_(originals[n][...]), np_(t_orig[n]).T, rtol=1e-6)
+    tangents = jax.tree.map(jnp.zeros_like, params)
+    for n in names:
+        tangents["parametrizations"]["kernel"][n][...] = jnp.asarray(np_(t_tan[n]).T)
+
+    def kernel(p):
+        return nnx.merge(graphdef, p, rest).kernel[...]
+
+    _, k_dot = jax.jvp(kernel, (params,), (tangents,))
+
+    link = t.parametrizations.weight[0]  # torch's _WeightNorm / _SpectralNorm
+    jac = torch.func.jacrev(lambda o: link(*[o[n] for n in names]))(t_orig)
+    w_dot = sum(
+        (jac[n].reshape(t.weight.numel(), -1) @ t_tan[n].reshape(-1)).reshape(t.weight.shape)
+        for n in names
+    )
+    np.testing.assert_allclose(np_(k_dot), np_(w_dot).T, rtol=1e-5, atol=1e-5)
+    assert float(np.abs(np_(w_dot)).max()) > 1e-3
+
+
 @pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", *MAPS])
 def test_builtins_forward_mode_matches_reverse_mode(kind):
     """jax.jvp through an NNX built-in (matrix_exp inside forward_mode_ad) gives
