@@ -468,7 +468,10 @@ class ParametrizeMachine(RuleBasedStateMachine):
             skip = len(chain) >= 4 or (e.square and not square) or (e.once and entry in chain)
             # appended without checks, a link taking several originals breaks the
             # module for good (torch too): every later read raises a TypeError
-            if skip or (e.multi and chain and (unsafe or e.unsafe)):
+            skip = skip or (e.multi and chain and (unsafe or e.unsafe))
+            # so does a shape change after a square-only link, at the first
+            # assignment: the original takes the new shape, which that link refuses
+            if skip or (entry == "bad_shape" and not all(POOL[c].generic for c in chain)):
                 STATS["skipped register"] += 1
                 return
         unsafe = unsafe or e.unsafe
@@ -749,6 +752,15 @@ class ParametrizeMachine(RuleBasedStateMachine):
         self.read()
         STATS["read"] -= 1
         STATS["operations"] -= 1
+        # Now that they agree, make them equal to the bit: each rule then starts the
+        # three from the same numbers, and the tolerances bound what one operation
+        # does. Without this, float32 rounding differences compound through SGD
+        # steps (an `exp` link's loss has curvature ~4 v^2, so at v ~ 10 each step
+        # with LR 0.05 multiplied the drift by ~10: found at 1.8e-4 relative).
+        with torch.no_grad():
+            for k, v in sd_t.items():
+                sd_c[k].copy_(v)
+                flat_j[k].set_value(jnp.asarray(v.numpy()))
 
 
 # ---------------------------------------------------------------------------
@@ -756,13 +768,14 @@ class ParametrizeMachine(RuleBasedStateMachine):
 # ---------------------------------------------------------------------------
 
 
-def _run(max_examples: int, steps: int) -> None:
+def _run(max_examples: int, steps: int, derandomize: bool = False) -> None:
     STATS.clear()
     run_state_machine_as_test(
         ParametrizeMachine,
         settings=settings(
             max_examples=max_examples,
             stateful_step_count=steps,
+            derandomize=derandomize,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
@@ -774,7 +787,9 @@ def _run(max_examples: int, steps: int) -> None:
 
 
 def test_fuzz_three_implementations_agree():
-    _run(max_examples=60, steps=30)
+    # The same 60 machines on every run, so that CI is reproducible; the long run
+    # below explores new ones each time (and keeps what fails in .hypothesis/).
+    _run(max_examples=60, steps=30, derandomize=True)
 
 
 @pytest.mark.slow
