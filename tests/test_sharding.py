@@ -10,7 +10,6 @@ here.
 
 import json
 import os
-import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -24,13 +23,21 @@ from jaxparam.parametrizations import orthogonal, spectral_norm, weight_norm
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharding_worker.py")
 
 
-@pytest.fixture(scope="module")
-def findings():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, _WORKER], capture_output=True, text=True, env=env, timeout=300
-    )
+# The worker runs in the background from the start of the session (tests/conftest.py).
+BACKGROUND_JOBS = {
+    "worker": {
+        "argv": [sys.executable, _WORKER],
+        "env": {
+            **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+            "JAX_PLATFORMS": "cpu",
+        },
+    }
+}
+
+
+@pytest.fixture
+def findings(background):
+    proc, _ = background("worker")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
