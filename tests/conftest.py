@@ -148,6 +148,8 @@ def _wanted(item) -> set[str]:
 
 
 def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
     for item in session.items:
         for key in _wanted(item):
             if (item.module.__name__, key) not in _JOBS:
