@@ -211,7 +211,13 @@ def _import(t: torch.Tensor, jdev: jax.Device | None = None) -> jax.Array:
     """Views a contiguous, supported, detached-or-not tensor as a jax.Array.
 
     ``jdev``: the CPU device to view it on (the inline client's); default: JAX's.
+    A non-contiguous tensor (a transposed view, a ``channels_last`` buffer) is
+    copied first: the inline client's executables read every buffer as
+    row-major, whatever strides DLPack described, and would compute on the
+    wrong numbers.
     """
+    if not t.is_contiguous():
+        t = t.detach().contiguous()
     device = t.device
     if device.type == "cpu" and _dlpack_to_buffer is not None:
         jdev = jdev or _device_cache.get(device) or _jax_device(device)

@@ -327,6 +327,45 @@ def test_nnx_params_trained_by_torch_optimizer_and_grads_match_reference():
     assert not torch.equal(link.scale.detach(), scale0)
 
 
+class TransposingBuffer(nnx.Module):
+    """``w @ M``, ``M`` a buffer that each call replaces by its transpose."""
+
+    def __init__(self, n):
+        self.m = nnx.BatchStat(jnp.arange(n * n, dtype=jnp.float32).reshape(n, n))
+
+    def __call__(self, w):
+        m = self.m[...]
+        self.m[...] = m.T
+        return w @ m
+
+
+@pytest.mark.parametrize("client", ["inline", "jax"])
+def test_nnx_strided_buffer_is_read_and_written_back(client, monkeypatch):
+    # A buffer that is a transposed view: the JAX call must see its values (the
+    # inline client would read its memory as row-major), and the update must land
+    # in the buffer itself, not in a contiguous copy.
+    if client == "inline" and _bridge._INLINE.get() is None:
+        pytest.skip("no inline CPU client on this platform")
+    monkeypatch.setattr(_bridge, "_entries", {})
+    if client == "jax":
+        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", -1.0)
+    m = nn.Linear(3, 3)
+    P.register_parametrization(m, "weight", TransposingBuffer(3))
+    link = m.parametrizations.weight[0]
+    with torch.no_grad():
+        link.m = torch.randn(3, 3).t()
+    buf = link.m
+    assert not buf.is_contiguous()
+    values = buf.clone()
+    w = m.parametrizations.weight.original.detach().clone().requires_grad_()
+    torch.testing.assert_close(m.weight, w @ values)
+    assert link.m is buf
+    torch.testing.assert_close(buf, values.T)
+    m.weight.sum().backward()
+    (w @ values.T).sum().backward()
+    torch.testing.assert_close(m.parametrizations.weight.original.grad, w.grad)
+
+
 def test_nnx_load_state_dict_round_trip():
     a, b = _nnx_linear(), _nnx_linear()
     _ = a.weight

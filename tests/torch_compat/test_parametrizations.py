@@ -163,6 +163,38 @@ def test_training_steps_match_torch(builtin, opt):
         _close(a.weight, b.weight, dtype)
 
 
+@pytest.mark.parametrize("client", ["inline", "jax"])
+@pytest.mark.parametrize(
+    "builtin", ["weight_norm", "spectral_norm", "orthogonal", "orthogonal_cayley"]
+)
+def test_channels_last_state_matches_torch(builtin, client, monkeypatch):
+    # `.to(memory_format=torch.channels_last)` leaves the 4-d originals and
+    # orthogonal's `base` buffer strided. The inline client's executables read
+    # every buffer as row-major: a strided `base` gave orthogonal weights off by
+    # 1.6 before the bridge copied such tensors to contiguous memory.
+    if client == "inline" and _bridge._INLINE.get() is None:
+        pytest.skip("no inline CPU client on this platform")
+    monkeypatch.setattr(_bridge, "_entries", {})
+    if client == "jax":
+        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", -1.0)
+    dtype = torch.float64
+    a, b = (m.to(memory_format=torch.channels_last) for m in _pair("conv2d", builtin, dtype))
+    strided = [k for k, v in b.state_dict().items() if v.dim() == 4 and not v.is_contiguous()]
+    assert strided, b.state_dict().keys()
+    oa, ob = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b))
+    x = INPUTS["conv2d"](dtype).to(memory_format=torch.channels_last)
+    for _ in range(3):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            (m(x) ** 2).mean().backward()
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            _close(pa.grad, pb.grad, dtype)
+        oa.step()
+        ob.step()
+    _state_close(a, b, dtype)
+    _close(a(x), b(x), dtype)
+
+
 def test_spectral_norm_train_eval_and_in_place_buffers():
     a, b = _pair("linear", "spectral_norm")
     sn = b.parametrizations.weight[0]
