@@ -56,11 +56,14 @@ In plain words:
   compiling and running happen inside ``jax.enable_x64(True)``, a thread-local,
   scoped context. It is entered only when an input is 64-bit, so a float32
   function never sees float64 defaults.
-* Non-contiguous tensors: ``to_jax`` refuses them (``ValueError``; XLA needs
-  dense row-major memory, so a view would be a hidden copy). Inside a
-  parametrization chain, the inputs of a JAX link are made contiguous with
-  ``Tensor.contiguous()`` (differentiable; a copy only when needed), because a
-  torch link may legitimately return a transposed view.
+* Non-contiguous tensors, and views with torch's lazy conjugate or negative
+  bit: ``to_jax`` refuses them (``ValueError``; XLA needs dense row-major
+  memory, and DLPack does not carry the bits, so a view would be a hidden
+  copy). Inside a parametrization chain, the inputs of a JAX link are made
+  contiguous with ``Tensor.contiguous()`` (differentiable; a copy only when
+  needed), because a torch link may legitimately return a transposed view; any
+  other tensor that crosses (a link's parameter or buffer, a gradient, a
+  tangent) is made dense by ``_import`` (``_dense``).
 * CPU tensors whose data pointer is not 64-byte aligned (a view at an odd
   offset) cannot be viewed by XLA; they are copied, which is always safe.
 * No aliasing: outputs are fresh XLA buffers handed to torch (an output that
@@ -207,6 +210,13 @@ def _check_dtype(dtype: torch.dtype) -> None:
         )
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a contiguous copy without lazy conjugate/negative bits."""
+    if t.is_contiguous() and not t.is_conj() and not t.is_neg():
+        return t
+    return t.detach().resolve_conj().resolve_neg().contiguous()
+
+
 def _import(t: torch.Tensor, jdev: jax.Device | None = None) -> jax.Array:
     """Views a contiguous, supported, detached-or-not tensor as a jax.Array.
 
@@ -214,10 +224,11 @@ def _import(t: torch.Tensor, jdev: jax.Device | None = None) -> jax.Array:
     A non-contiguous tensor (a transposed view, a ``channels_last`` buffer) is
     copied first: the inline client's executables read every buffer as
     row-major, whatever strides DLPack described, and would compute on the
-    wrong numbers.
+    wrong numbers. So is a view with torch's lazy conjugate or negative bit (a
+    gradient through ``w.conj()`` or ``w.mH``): DLPack exports the memory
+    without the bit.
     """
-    if not t.is_contiguous():
-        t = t.detach().contiguous()
+    t = _dense(t)
     device = t.device
     if device.type == "cpu" and _dlpack_to_buffer is not None:
         jdev = jdev or _device_cache.get(device) or _jax_device(device)
@@ -317,6 +328,13 @@ def to_jax(tensor: torch.Tensor) -> jax.Array:
             f"tensor.shape: {tuple(tensor.shape)}\n"
             f"tensor.stride(): {tensor.stride()}\n"
             "Call `tensor.contiguous()` first."
+        )
+    if tensor.is_conj() or tensor.is_neg():
+        conj = tensor.is_conj()
+        bit, fix = ("conjugate", "resolve_conj") if conj else ("negative", "resolve_neg")
+        raise ValueError(
+            f"Cannot pass a tensor with torch's lazy {bit} bit to JAX without a copy: "
+            f"DLPack exports the memory without the bit.\nCall `tensor.{fix}()` first."
         )
     _jax_device(tensor.device)
     return _import(tensor)
@@ -581,9 +599,8 @@ class NNXParametrization(_JaxLink):
         Example:
             >>> # m = p.to_nnx(); m.s[...]
         """
-        params, buffers = self._jax_state()
-        p = jax.tree.unflatten(self._p_tree, [jnp.array(to_jax(t.detach())) for t in params])
-        b = jax.tree.unflatten(self._b_tree, [jnp.array(to_jax(t.detach())) for t in buffers])
+        p, b = ([jnp.array(to_jax(_dense(t.detach()))) for t in ts] for ts in self._jax_state())
+        p, b = jax.tree.unflatten(self._p_tree, p), jax.tree.unflatten(self._b_tree, b)
         return nnx.merge(self._graphdef, p, b)
 
 

@@ -4,6 +4,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -200,6 +201,11 @@ def test_errors():
         to_jax(torch.zeros(2, dtype=torch.complex32))
     with pytest.raises(ValueError, match="non-contiguous"):
         to_jax(torch.zeros(3, 2).T)
+    z = torch.ones(2, dtype=torch.complex64)
+    with pytest.raises(ValueError, match=r"lazy conjugate bit(.|\n)*resolve_conj\(\)"):
+        to_jax(z.conj())
+    with pytest.raises(ValueError, match=r"lazy negative bit(.|\n)*resolve_neg\(\)"):
+        to_jax(torch._neg_view(z))
     with pytest.raises(ValueError, match="requires grad"):
         to_jax(torch.zeros(2, requires_grad=True))
     with pytest.raises(ValueError, match="does not see its device"):
@@ -361,6 +367,9 @@ def test_nnx_strided_buffer_is_read_and_written_back(client, monkeypatch):
     torch.testing.assert_close(m.weight, w @ values)
     assert link.m is buf
     torch.testing.assert_close(buf, values.T)
+    assert not buf.is_contiguous()
+    # to_nnx copies the torch state, strided or not
+    torch.testing.assert_close(torch.from_numpy(np.asarray(link.to_nnx().m[...])), buf)
     m.weight.sum().backward()
     (w @ values.T).sum().backward()
     torch.testing.assert_close(m.parametrizations.weight.original.grad, w.grad)
