@@ -189,6 +189,14 @@ def _jax_device(device: torch.device) -> jax.Device:
                 "Install a CUDA-enabled jaxlib, or move the module to the CPU."
             )
         dev = matches[0]
+    elif device.type == "meta":
+        raise ValueError(
+            "Cannot pass a meta tensor to JAX: it has no data. (A JAX parametrization "
+            "whose inputs are all meta tensors runs on their shapes only, as torch's "
+            "do; not under torch.func transforms, nor with real tensors mixed in.)\n"
+            "Give the module memory first: `module.to_empty(device='cpu')`, then "
+            "initialize it or load a state dict."
+        )
     else:
         raise ValueError(
             "Cannot pass a tensor to JAX: JAX does not see its device.\n"
@@ -1065,6 +1073,14 @@ def _build_entry(key, links, tensors, grad: bool, fwd: bool) -> _Entry:
     for t in tensors:
         _check_dtype(t.dtype)
         _jax_device(t.device)
+    core, n_x, param_pos, buf_pos = _chain_core(links, tensors)
+    name = _chain_name(links)
+    return _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad, name, fwd)
+
+
+def _chain_core(links, tensors):
+    """The chain as one pure function of the flat inputs (``_fused``), the number
+    of chain inputs, and where the links' parameters and buffers sit."""
     n_x = len(tensors) - sum(len(p) + len(b) for p, b in (lk._jax_state() for lk in links))
     applies, layout = [], []
     pos = n_x
@@ -1078,9 +1094,7 @@ def _build_entry(key, links, tensors, grad: bool, fwd: bool) -> _Entry:
         pos += len(params)
         buf_pos.extend(range(pos, pos + len(bufs)))
         pos += len(bufs)
-    core = _fused(applies, n_x, layout)
-    name = _chain_name(links)
-    return _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad, name, fwd)
+    return _fused(applies, n_x, layout), n_x, param_pos, buf_pos
 
 
 def _batched_entry(
@@ -1237,6 +1251,58 @@ _JAX_DTYPES = {
 
 def _jax_dtype(dtype: torch.dtype):
     return _JAX_DTYPES[dtype]
+
+
+_TORCH_DTYPES = {np.dtype(v): k for k, v in _JAX_DTYPES.items()}
+
+
+# --------------------------------------------------------------------------- #
+# Meta tensors: shapes only
+# --------------------------------------------------------------------------- #
+#
+# torch's own parametrizations run on meta tensors (a model built under
+# `torch.device("meta")`, then `to_empty`): every operation gives a meta tensor
+# of the right shape and dtype, with autograd. A JAX chain on meta tensors does
+# the same through `jax.eval_shape`: nothing is computed, no buffer is written.
+
+
+def _all_meta(tensors: Sequence[torch.Tensor]) -> bool:
+    return bool(tensors) and all(t.is_meta for t in tensors)
+
+
+def _meta_like(a: Any) -> torch.Tensor:
+    return torch.empty(tuple(a.shape), dtype=_TORCH_DTYPES[np.dtype(a.dtype)], device="meta")
+
+
+def _eval_shape(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], *, flat: bool) -> Any:
+    specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
+    with _x64_ctx(any(t.dtype in _X64 for t in tensors)):
+        return jax.eval_shape(fn, specs) if flat else jax.eval_shape(fn, *specs)
+
+
+class _MetaFunction(torch.autograd.Function):
+    """A chain's autograd node on meta tensors: meta gradients of the inputs' shapes."""
+
+    @staticmethod
+    def forward(ctx, out: Any, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.specs = [(t.shape, t.dtype) for t in tensors]
+        return _meta_like(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        needs = ctx.needs_input_grad[1:]
+        return None, *(
+            torch.empty(shape, dtype=dtype, device="meta") if need else None
+            for (shape, dtype), need in zip(ctx.specs, needs, strict=True)
+        )
+
+
+def _run_meta(links: Sequence[_JaxLink], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    for t in tensors:
+        _check_dtype(t.dtype)
+    core = _chain_core(links, tensors)[0]
+    out = _eval_shape(core, tensors, flat=True)[0]  # `_fused` checks it is an array
+    return _MetaFunction.apply(out, *tensors) if _needs_grad(tensors) else _meta_like(out)
 
 
 #: The imported inputs of the last calls, kept alive a little longer. JAX's
@@ -1836,6 +1902,8 @@ def run_chain(links: Sequence[_JaxLink], xs: Sequence[torch.Tensor]) -> torch.Te
         # fake tensors (torch.export) have no data for JAX to read.
         raise RuntimeError(_NO_GRAPH_TRACING)
     transforms = torch._C._are_functorch_transforms_active()
+    if not transforms and _all_meta(tensors):
+        return _run_meta(links, tensors)
     fwd = (transforms or _fwad._current_level >= 0) and _has_tangents(tensors)
     grad = _needs_grad(tensors)
     return _call(_get_entry(links, tensors, grad, fwd), tensors, grad, transforms)
@@ -1946,6 +2014,14 @@ def call_jax(fn: Callable[..., Any], *tensors: torch.Tensor, what: str, key: Any
                         same[j] = i
             return out
 
+        if _all_meta(tensors):  # shapes only, see `_run_meta`
+            out = _eval_shape(checked, tensors, flat=False)
+            if not isinstance(out, (list, tuple)):
+                return _meta_like(out)
+            result = [_meta_like(a) for a in out]
+            for j, i in same.items():
+                result[j] = result[i]
+            return type(out)(result)
         specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
         with _x64_ctx(x64):
             compiled = jax.jit(checked).trace(*specs).lower().compile()

@@ -200,7 +200,7 @@ def _same_view(t: Tensor, alias: Tensor) -> bool:
 
 
 def _same_bytes(a: Tensor, b: Tensor) -> bool:
-    if a.numel() == 0:
+    if a.numel() == 0 or a.is_meta:  # a meta tensor has no bytes to restore
         return True
     return torch.equal(
         a.detach().contiguous().reshape(-1).view(torch.uint8),

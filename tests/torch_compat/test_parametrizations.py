@@ -195,6 +195,43 @@ def test_channels_last_state_matches_torch(builtin, client, monkeypatch):
     _close(a(x), b(x), dtype)
 
 
+def _meta_summary(m):
+    return [(k, v.shape, v.dtype, v.is_meta) for k, v in m.state_dict().items()]
+
+
+@pytest.mark.parametrize(
+    "builtin", ["weight_norm", "weight_norm_none", "spectral_norm", "spectral_norm_3it"]
+)
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "convT2d"])
+def test_meta_device_as_torch(layer, builtin):
+    # A model built under torch.device("meta") (deferred initialization): torch's
+    # weight and spectral norm give meta tensors of the right shapes, with
+    # autograd, and so do ours (through jax.eval_shape: nothing is computed).
+    # Then `to_empty` gives the model memory, and a state dict its numbers.
+    out = []
+    for P in (TP, CP):
+        with torch.device("meta"):
+            m = LAYERS[layer](torch.float32)
+        getattr(P, _fn(builtin))(m, **BUILTINS[builtin])
+        out.append(m)
+    a, b = out
+    assert _meta_summary(a) == _meta_summary(b)
+    x = INPUTS[layer](torch.float32)
+    for m in (a, b):
+        w = m.weight
+        assert w.is_meta and w.requires_grad
+        m(x.to("meta")).sum().backward()
+    assert a.weight.shape == b.weight.shape
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert pa.grad.is_meta and pb.grad.is_meta and pa.grad.shape == pb.grad.shape
+    real, _ = _pair(layer, builtin)
+    for m in (a, b):
+        m.to_empty(device="cpu")
+        m.load_state_dict(real.state_dict())
+    _close(a(x), b(x), torch.float32)
+    _state_close(a, b, torch.float32)
+
+
 def test_spectral_norm_train_eval_and_in_place_buffers():
     a, b = _pair("linear", "spectral_norm")
     sn = b.parametrizations.weight[0]
