@@ -75,6 +75,16 @@ def _state_close(a, b, dtype):
         _close(sa[k], sb[k], dtype)
 
 
+def _use_client(client, monkeypatch):
+    """Compiles the chains afresh on one of the bridge's clients: "inline" (its
+    private one-thread client, for small chains) or "jax" (JAX's own)."""
+    if client == "inline" and _bridge._INLINE.get() is None:
+        pytest.skip("no inline CPU client on this platform")
+    monkeypatch.setattr(_bridge, "_entries", {})
+    if client == "jax":
+        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", -1.0)
+
+
 CASES = [("linear", b) for b in BUILTINS] + [
     (layer, b)
     for layer in ("linear_tall", "conv1d", "conv2d", "convT2d", "embedding")
@@ -95,11 +105,7 @@ def test_values_grads_and_state_match_torch(layer, builtin):
 def test_both_bridge_clients_match_torch(builtin, client, monkeypatch):
     # Small chains run on the bridge's inline client, large ones on JAX's: both
     # must give torch's numbers.
-    if client == "inline" and _bridge._INLINE.get() is None:
-        pytest.skip("no inline CPU client on this platform")
-    monkeypatch.setattr(_bridge, "_entries", {})  # compile afresh, on the chosen client
-    if client == "jax":
-        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", -1.0)
+    _use_client(client, monkeypatch)
     _check_values_grads_state("conv2d", builtin)
     assert _bridge._entries
     assert all((e.jdev is None) == (client == "jax") for e in _bridge._entries.values())
@@ -172,11 +178,7 @@ def test_channels_last_state_matches_torch(builtin, client, monkeypatch):
     # orthogonal's `base` buffer strided. The inline client's executables read
     # every buffer as row-major: a strided `base` gave orthogonal weights off by
     # 1.6 before the bridge copied such tensors to contiguous memory.
-    if client == "inline" and _bridge._INLINE.get() is None:
-        pytest.skip("no inline CPU client on this platform")
-    monkeypatch.setattr(_bridge, "_entries", {})
-    if client == "jax":
-        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", -1.0)
+    _use_client(client, monkeypatch)
     dtype = torch.float64
     a, b = (m.to(memory_format=torch.channels_last) for m in _pair("conv2d", builtin, dtype))
     strided = [k for k, v in b.state_dict().items() if v.dim() == 4 and not v.is_contiguous()]
@@ -301,11 +303,7 @@ def test_complex_gradients_through_lazy_conjugates_match_torch(builtin, client, 
     # that are views with torch's lazy conjugate or negative bit. DLPack exports
     # the memory without the bit: before the bridge resolved them, the gradients
     # were off by 1.1-11 (silently). A conjugate view as a buffer likewise.
-    if client == "inline" and _bridge._INLINE.get() is None:
-        pytest.skip("no inline CPU client on this platform")
-    monkeypatch.setattr(_bridge, "_entries", {})
-    if client == "jax":
-        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", -1.0)
+    _use_client(client, monkeypatch)
     dtype = torch.complex128
     out = []
     for P in (TP, CP):
