@@ -307,6 +307,8 @@ def _to_numpy(x: Any) -> np.ndarray:
     """A numpy array from a numpy/jax array or a torch tensor (duck-typed)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu()
+        if hasattr(x, "resolve_conj"):  # torch's lazy views: numpy() refuses them
+            x = x.resolve_conj().resolve_neg()
         try:
             return x.numpy()
         except TypeError:  # torch.bfloat16 has no numpy dtype

@@ -352,6 +352,23 @@ def test_torch_tensors_are_not_needed():
     assert all(type(v) is np.ndarray and v.flags.writeable for v in out.values())
 
 
+def test_strided_and_lazy_view_tensors_load_like_plain_ones():
+    # A state dict may hold views: a transposed (strided) tensor, or one with
+    # torch's lazy negative bit (torch.Tensor.numpy() refuses those).
+    t = torch.nn.Linear(3, 2)
+    sd = t.state_dict()
+    views = {
+        "weight": sd["weight"].T.contiguous().T,
+        "bias": torch._neg_view(-sd["bias"]),
+    }
+    assert not views["weight"].is_contiguous() and views["bias"].is_neg()
+    a, b = nnx.Linear(3, 2, rngs=R(0)), nnx.Linear(3, 2, rngs=R(1))
+    I.load_torch_state_dict(a, sd)
+    I.load_torch_state_dict(b, views)
+    np.testing.assert_array_equal(np.asarray(a.kernel[...]), np.asarray(b.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(a.bias[...]), np.asarray(b.bias[...]))
+
+
 def test_dtype_follows_the_model():
     t = torch.nn.Linear(3, 2).double()
     f = nnx.Linear(3, 2, rngs=R(0))
