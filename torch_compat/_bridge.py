@@ -63,7 +63,7 @@ In plain words:
   contiguous with ``Tensor.contiguous()`` (differentiable; a copy only when
   needed), because a torch link may legitimately return a transposed view; any
   other tensor that crosses (a link's parameter or buffer, a gradient, a
-  tangent) is made dense by ``_import`` (``_dense``).
+  tangent) is made dense by ``_import`` (``_dense``), a sparse gradient too.
 * CPU tensors whose data pointer is not 64-byte aligned (a view at an odd
   offset) cannot be viewed by XLA; they are copied, which is always safe.
 * No aliasing: outputs are fresh XLA buffers handed to torch (an output that
@@ -219,7 +219,10 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself, or a contiguous copy without lazy conjugate/negative bits."""
+    """``t`` itself, or a contiguous copy without lazy conjugate/negative bits
+    (and a dense one of a sparse tensor: the gradient of a sparse embedding)."""
+    if t.layout != torch.strided:
+        return t.detach().to_dense().resolve_conj().resolve_neg().contiguous()
     if t.is_contiguous() and not t.is_conj() and not t.is_neg():
         return t
     return t.detach().resolve_conj().resolve_neg().contiguous()
@@ -1605,7 +1608,7 @@ def _batched_jvp_call(ctx, levels, tangents: Sequence[torch.Tensor]) -> torch.Te
 def _jvp_call(ctx, jvp: Any, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
     """Runs a compiled JVP on the forward's linearization and ``tangents``."""
     entry: _Entry = ctx.entry
-    arrays = [_import(t if t.is_contiguous() else t.contiguous(), entry.jdev) for t in tangents]
+    arrays = [_import(t, entry.jdev) for t in tangents]
     _recent_inputs.append(arrays)
     with _x64_ctx(entry.x64):
         out = jvp(ctx.lin_residuals, ctx.lin_views, *arrays)
@@ -1851,9 +1854,7 @@ def _backward(ctx, grad: torch.Tensor, bwd: Any = None) -> list[torch.Tensor | N
     """The compiled VJP (``bwd``, by default the entry's) on the forward's
     residuals: one gradient per input tensor."""
     entry: _Entry = ctx.entry
-    if not grad.is_contiguous():
-        grad = grad.contiguous()
-    ct = _import(grad, entry.jdev)
+    ct = _import(grad, entry.jdev)  # made dense and contiguous there
     if bwd is None:
         bwd = entry.backward()
     inputs = ctx.saved_views

@@ -154,7 +154,9 @@ class _Snapshot:
         tensors: dict[int, Tensor] = {}
         for m in mods.values():
             for t in (*m._parameters.values(), *m._buffers.values()):
-                if isinstance(t, Tensor):
+                # an uninitialized (lazy) tensor has no data to restore, and refuses
+                # every operation: the dicts above put it back
+                if isinstance(t, Tensor) and not torch.nn.parameter.is_lazy(t):
                     tensors.setdefault(id(t), t)
         with torch.no_grad():
             self.tensors = [

@@ -373,6 +373,56 @@ def test_meta_tensors_give_shapes_and_autograd_as_torch():
         m.weight  # noqa: B018
 
 
+class _Double(nn.Module):
+    def forward(self, x):
+        return 2 * x * x
+
+
+@pytest.mark.parametrize("form", ["torch", "jax"])
+def test_lazy_modules_refuse_as_torch_and_stay_unchanged(form):
+    # An uninitialized (lazy) parameter refuses every operation, even `detach`:
+    # the error is torch's own, wherever a module holds one.
+    link = _Double() if form == "torch" else (lambda x: 2 * x * x)
+    errors = []
+    for register, lk in (
+        (torch_P.register_parametrization, _Double()),
+        (P.register_parametrization, link),
+    ):
+        m = nn.LazyLinear(4)
+        with pytest.raises(RuntimeError) as info:
+            register(m, "weight", lk)
+        errors.append(str(info.value).split("\n")[0])
+        assert type(m) is nn.LazyLinear and not hasattr(m, "parametrizations")
+    assert errors[0] == errors[1]
+
+    class Mixed(nn.Module):  # a lazy tensor beside the one parametrized
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 3))
+            self.lazy = nn.parameter.UninitializedParameter()
+
+    m = Mixed()
+    P.register_parametrization(m, "weight", link)
+    torch.testing.assert_close(m.weight, 2 * m.parametrizations.weight.original**2)
+
+
+def test_sparse_gradient_of_an_embedding():
+    # nn.Embedding(sparse=True) hands the parametrization a sparse gradient; JAX
+    # takes it dense, and the original's gradient is dense (torch's is sparse).
+    grads = []
+    for register, link in (
+        (torch_P.register_parametrization, _Double()),
+        (P.register_parametrization, lambda x: 2 * x * x),
+    ):
+        torch.manual_seed(0)
+        e = nn.Embedding(5, 3, sparse=True)
+        register(e, "weight", link)
+        e(torch.tensor([1, 2, 2])).sum().backward()
+        grads.append(e.parametrizations.weight.original.grad)
+    assert grads[0].layout == torch.sparse_coo and grads[1].layout == torch.strided
+    torch.testing.assert_close(grads[1], grads[0].to_dense())
+
+
 class TransposingBuffer(nnx.Module):
     """``w @ M``, ``M`` a buffer that each call replaces by its transpose."""
 
