@@ -161,6 +161,18 @@ def copy_torch_vectors(t, f, name, layer):
     sn_f._v[...] = jnp.asarray(v)
 
 
+def norm_linear_pair(builtin, t, f):
+    """Applies torch's and our ``builtin`` (weight or spectral norm) to a
+    ``linear_pair``; spectral norm starts from torch's vectors."""
+    if builtin == "weight_norm":
+        TP.weight_norm(t, "weight")
+        weight_norm(f)
+    else:
+        TP.spectral_norm(t, "weight")
+        spectral_norm(f, rngs=nnx.Rngs(0))
+        copy_torch_vectors(t, f, "kernel", "linear")
+
+
 @pytest.mark.parametrize("layer", sorted(PAIRS))
 @pytest.mark.parametrize("jit", ["eager", "graph", "tree"])
 def test_spectral_norm_matches_torch_in_training_and_eval(layer, jit):
@@ -247,13 +259,7 @@ def test_training_matches_torch(builtin, mse_steps):
     t1, f1, _ = linear_pair(6, 5)
     t2, f2, _ = linear_pair(5, 2)
     for t, f in ((t1, f1), (t2, f2)):
-        if builtin == "weight_norm":
-            TP.weight_norm(t, "weight")
-            weight_norm(f)
-        else:
-            TP.spectral_norm(t, "weight")
-            spectral_norm(f, rngs=nnx.Rngs(0))
-            copy_torch_vectors(t, f, "kernel", "linear")
+        norm_linear_pair(builtin, t, f)
 
     class Net(nnx.Module):
         def __init__(self):
@@ -402,13 +408,7 @@ def test_norms_forward_mode_matches_torch(builtin):
     originals, against torch's J t for the same weight (torch's weight_norm has
     no forward mode, so J comes from torch.func.jacrev), layouts transposed."""
     t, f, _ = linear_pair(5, 4)
-    if builtin == "weight_norm":
-        TP.weight_norm(t, "weight")
-        weight_norm(f)
-    else:
-        TP.spectral_norm(t, "weight")
-        spectral_norm(f, rngs=nnx.Rngs(0))
-        copy_torch_vectors(t, f, "kernel", "linear")
+    norm_linear_pair(builtin, t, f)
     t.eval()
     f.eval()
     names = [n for n, _ in t.parametrizations.weight.named_parameters()]
