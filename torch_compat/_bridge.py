@@ -221,11 +221,11 @@ def _check_dtype(dtype: torch.dtype) -> None:
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or a contiguous copy without lazy conjugate/negative bits
     (and a dense one of a sparse tensor: the gradient of a sparse embedding)."""
-    if t.layout != torch.strided:
-        return t.detach().to_dense().resolve_conj().resolve_neg().contiguous()
-    if t.is_contiguous() and not t.is_conj() and not t.is_neg():
+    strided = t.layout == torch.strided
+    if strided and t.is_contiguous() and not t.is_conj() and not t.is_neg():
         return t
-    return t.detach().resolve_conj().resolve_neg().contiguous()
+    t = t.detach() if strided else t.detach().to_dense()
+    return t.resolve_conj().resolve_neg().contiguous()
 
 
 def _import(t: torch.Tensor, jdev: jax.Device | None = None) -> jax.Array:
@@ -1277,10 +1277,11 @@ def _meta_like(a: Any) -> torch.Tensor:
     return torch.empty(tuple(a.shape), dtype=_TORCH_DTYPES[np.dtype(a.dtype)], device="meta")
 
 
-def _eval_shape(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], *, flat: bool) -> Any:
+def _eval_shape(fn: Callable[..., Any], tensors: Sequence[torch.Tensor]) -> Any:
+    """``fn(*arrays)``'s output shapes and dtypes for arrays shaped like ``tensors``."""
     specs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
     with _x64_ctx(any(t.dtype in _X64 for t in tensors)):
-        return jax.eval_shape(fn, specs) if flat else jax.eval_shape(fn, *specs)
+        return jax.eval_shape(fn, *specs)
 
 
 class _MetaFunction(torch.autograd.Function):
@@ -1304,7 +1305,7 @@ def _run_meta(links: Sequence[_JaxLink], tensors: Sequence[torch.Tensor]) -> tor
     for t in tensors:
         _check_dtype(t.dtype)
     core = _chain_core(links, tensors)[0]
-    out = _eval_shape(core, tensors, flat=True)[0]  # `_fused` checks it is an array
+    out = _eval_shape(lambda *flat: core(flat), tensors)[0]  # `_fused` checks it is an array
     return _MetaFunction.apply(out, *tensors) if _needs_grad(tensors) else _meta_like(out)
 
 
@@ -1384,7 +1385,7 @@ def _backward_entry(ctx, grad: torch.Tensor):
             levels, (t,) = _legacy_unbatch([grad])
             bwd = ctx.entry.batched_backward(tuple(a for _, (a,) in levels), tuple(t.shape))
             with torch.no_grad():
-                result = _backward(ctx, t.contiguous(), bwd)
+                result = _backward(ctx, t, bwd)
             return (None, *(r if r is None else _legacy_batch(r, levels) for r in result))
         if not torch.is_grad_enabled():  # the usual backward
             return (None, *_backward(ctx, grad))
@@ -1455,7 +1456,7 @@ def _backward_vmapped(ctx, grad: torch.Tensor, saved) -> list[torch.Tensor | Non
     with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
         # The batched entry's output has the batch first.
         t = t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
-        result = _backward(ctx, t.contiguous())
+        result = _backward(ctx, t)
         _once_differentiable(result, (grad, *saved))
     return [
         None if r is None else _functorch._add_batch_dim(r, in_axes[i], level)
@@ -1478,7 +1479,6 @@ def _backward_batched(ctx, grad: torch.Tensor, saved) -> list[torch.Tensor | Non
             levels.append((_functorch.maybe_get_level(t), _functorch.maybe_get_bdim(t)))
         t = _functorch.get_unwrapped(t)
     with torch.no_grad(), _pyfunctorch.temporarily_clear_interpreter_stack():
-        t = t.contiguous()
         bwd = ctx.entry.batched_backward(tuple(b for _, b in levels), tuple(t.shape))
         result = _backward(ctx, t, bwd)
         _once_differentiable(result, (grad, *saved))
@@ -1598,7 +1598,6 @@ def _batched_jvp_call(ctx, levels, tangents: Sequence[torch.Tensor]) -> torch.Te
     """`_jvp_call` with the entry's JVP under one ``jax.vmap`` per peeled vmap
     level (``levels``: ``(level, batch dimension of each tangent)``, the
     innermost first); the batch dimensions come out in front."""
-    tangents = [t.contiguous() for t in tangents]
     jvp = ctx.entry.batched_forward_jvp(
         tuple(a for _, a in levels), tuple(tuple(t.shape) for t in tangents)
     )
@@ -1699,7 +1698,7 @@ class _CotangentLinear(torch.autograd.Function):
             like = bridge.inputs[i]
             if w is None:
                 w = torch.zeros(spec.shape, dtype=like.dtype, device=like.device)
-            tangents.append(_import(w.contiguous(), entry.jdev))
+            tangents.append(_import(w, entry.jdev))
         with torch.no_grad(), _x64_ctx(entry.x64):
             y_dot = entry.input_jvp()(bridge.arrays, tangents)
         return (None, None, _export(y_dot, entry.cpu), *([None] * len(ws)))
@@ -2016,7 +2015,7 @@ def call_jax(fn: Callable[..., Any], *tensors: torch.Tensor, what: str, key: Any
             return out
 
         if _all_meta(tensors):  # shapes only, see `_run_meta`
-            out = _eval_shape(checked, tensors, flat=False)
+            out = _eval_shape(checked, tensors)
             if not isinstance(out, (list, tuple)):
                 return _meta_like(out)
             result = [_meta_like(a) for a in out]
