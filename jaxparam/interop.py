@@ -495,7 +495,8 @@ def _convert(
             )
             continue
         raw = entry.variable.get_raw_value()
-        new = np.ascontiguousarray(entry.to_flax(value)).astype(raw.dtype)
+        # order="C" keeps a 0-d value 0-d (np.ascontiguousarray makes it 1-d).
+        new = np.asarray(entry.to_flax(value)).astype(raw.dtype, order="C")
         sharding = getattr(raw, "sharding", None)
         new = (
             jax.device_put(new, sharding) if isinstance(raw, jax.Array) else jax.numpy.asarray(new)
@@ -566,8 +567,8 @@ def to_torch_state_dict(
         if entry.variable is None:  # num_batches_tracked: flax does not count batches
             value = np.zeros((), np.int64)
         else:
-            value = np.array(entry.to_torch(np.asarray(entry.variable.get_value())), copy=True)
-            value = np.ascontiguousarray(value)
+            # A C-ordered copy; 0-d stays 0-d (np.ascontiguousarray makes it 1-d).
+            value = np.array(entry.to_torch(np.asarray(entry.variable.get_value())), order="C")
         out[key] = to_tensor(value) if to_tensor is not None else value
     return out
 

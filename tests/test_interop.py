@@ -206,8 +206,11 @@ def test_torch_to_nnx_and_back(layer, kind, other_dim):
     before = f_out(f, xf)
     assert not np.allclose(before, t_out(t, xt), atol=1e-3)
 
-    # torch -> NNX: same parametrized weight, same outputs
+    # torch -> NNX: same parametrized weight, same outputs, no Variable reshaped
+    # (weight norm's g with dim=None is 0-d on both sides)
+    shapes = jax.tree.map(np.shape, nnx.state(f))
     assert I.load_torch_state_dict(f, sd) == I.IncompatibleKeys([], [])
+    assert jax.tree.map(np.shape, nnx.state(f)) == shapes
     np.testing.assert_allclose(
         np.asarray(getattr(f, name)[...]),
         np.flip(to_flax(torch_weight(t), perm), _flips(f)),
@@ -227,6 +230,7 @@ def test_torch_to_nnx_and_back(layer, kind, other_dim):
     t2.load_state_dict(out, strict=True)
     np.testing.assert_allclose(t_out(t2, xt), f_out(f, xf), atol=ATOL)
     for k, v in sd.items():
+        assert out[k].shape == v.shape, k
         np.testing.assert_allclose(out[k].numpy(), v.numpy(), atol=1e-6, err_msg=k)
 
 
