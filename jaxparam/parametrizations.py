@@ -185,8 +185,9 @@ class SpectralNorm(nnx.Module):
 
     In training mode (``deterministic=False``, what ``module.train()`` sets) each
     call runs ``n_power_iterations`` and stores the new ``_u`` and ``_v``; in
-    evaluation mode (``module.eval()``) they stay fixed. A 1-d weight is simply
-    normalized and holds no vectors, as in torch.
+    evaluation mode (``module.eval()``, or the view ``nnx.view(model,
+    deterministic=True)``) they stay fixed. A 1-d weight is simply normalized
+    and holds no vectors, as in torch.
     """
 
     def __init__(
@@ -229,6 +230,11 @@ class SpectralNorm(nnx.Module):
             self._u[...] = new.u
             self._v[...] = new.v
         return out
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Used by ``nnx.view``: ``deterministic=True`` freezes ``_u`` and ``_v``."""
+        if deterministic is not None:
+            self.deterministic = deterministic
 
     def right_inverse(self, value: jax.Array) -> jax.Array:
         return value

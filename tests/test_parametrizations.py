@@ -200,6 +200,30 @@ def test_spectral_norm_matches_torch_in_training_and_eval(layer, jit):
     np.testing.assert_array_equal(np_(sn_f._u[...]), u_before)
 
 
+def test_spectral_norm_follows_nnx_view():
+    # flax's `nnx.view(model, deterministic=True)` is an evaluation view: the
+    # vectors stay fixed, as with `module.eval()`, and the model it views keeps
+    # training; `deterministic=False` on an evaluation model is a training view.
+    t, f, _ = linear_pair()
+    norm_linear_pair("spectral_norm", t, f)
+    sn = f.parametrizations.kernel[0]
+    x = np.random.randn(2, 5).astype(np.float32)
+    u_before = np_(sn._u[...]).copy()
+    t.eval()
+    view = nnx.view(f, deterministic=True)
+    np.testing.assert_allclose(np_(view(jnp.asarray(x))), np_(t(torch.from_numpy(x))), atol=1e-5)
+    np.testing.assert_array_equal(np_(sn._u[...]), u_before)
+    assert not sn.deterministic
+    f.eval()
+    t.train()
+    train_view = nnx.view(f, deterministic=False)
+    np.testing.assert_allclose(
+        np_(train_view(jnp.asarray(x))), np_(t(torch.from_numpy(x))), atol=1e-5
+    )
+    np.testing.assert_allclose(np_(sn._u[...]), np_(t.parametrizations.weight[0]._u), atol=1e-5)
+    assert not np.array_equal(np_(sn._u[...]), u_before)
+
+
 def test_spectral_norm_1d_is_normalize_and_has_no_vectors():
     t = torch.nn.LayerNorm(5)
     f = nnx.LayerNorm(5, epsilon=1e-5, rngs=nnx.Rngs(0))
