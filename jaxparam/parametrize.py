@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -54,9 +54,32 @@ __all__ = [
 # Private helpers
 # ---------------------------------------------------------------------------
 
+
+class _CacheEntry(NamedTuple):
+    """A value cached by :func:`cached`, and what it was computed from: the chain
+    (the list and its links, by identity), every Variable it reads (the originals
+    and the links' own, such as spectral norm's ``_u``) and the array each held
+    right after the computation (so a training read's own update of ``_u`` does
+    not make the next read recompute)."""
+
+    plist: Any
+    links: tuple[Any, ...]
+    variables: tuple[nnx.Variable, ...]
+    raws: tuple[Any, ...]
+    value: jax.Array
+
+    def is_current(self, plist: Any) -> bool:
+        return (
+            plist is self.plist
+            and len(plist) == len(self.links)
+            and all(a is b for a, b in zip(plist, self.links, strict=True))
+            and all(v.get_raw_value() is r for v, r in zip(self.variables, self.raws, strict=True))
+        )
+
+
 _cache_enabled = 0
-# (id(module), tensor_name) -> (originals' raw values, computed value)
-_cache: dict[tuple[int, str], tuple[tuple[Any, ...], jax.Array]] = {}
+# (id(module), tensor_name) -> _CacheEntry
+_cache: dict[tuple[int, str], _CacheEntry] = {}
 
 
 @contextlib.contextmanager
@@ -69,10 +92,15 @@ def cached() -> Iterator[None]:
     forward pass (an RNN's recurrent kernel, tied weights). Under ``jit`` XLA
     already removes the duplicate work; eagerly, the cache is what saves it.
 
-    Unlike torch, a cached value is only reused while the originals are the very
-    arrays it was computed from: an assignment (``module.kernel = x``) or an
-    optimizer update inside the context recomputes instead of returning a stale
-    value, and values cached inside one ``jit`` trace are never seen by another.
+    Unlike torch, a cached value is only reused while its chain is the same (the
+    same links, in the same order) and every Variable the chain reads (the
+    originals, and the links' own such as spectral norm's ``_u``) holds the very
+    array it held after the computation: an assignment (``module.kernel = x``),
+    an optimizer update, ``nnx.update``, registering or removing a link, or
+    changing a link's Variable inside the context recomputes instead of
+    returning a stale value, and values cached inside one ``jit`` trace are
+    never seen by another. (A plain Python attribute of a link changed in place,
+    such as ``n_power_iterations``, is not tracked.)
 
     Example:
       >>> from flax import nnx
@@ -458,13 +486,13 @@ def _get_parametrized(module: nnx.Module, name: str) -> jax.Array:
     if not _cache_enabled:
         return plist.evaluate()
     key = (id(module), name)
-    originals = tuple(v.get_raw_value() for v in plist.originals())
     hit = _cache.get(key)
-    if hit is not None and len(hit[0]) == len(originals):
-        if all(a is b for a, b in zip(hit[0], originals, strict=True)):
-            return hit[1]
+    if hit is not None and hit.is_current(plist):
+        return hit.value
     value = plist.evaluate()
-    _cache[key] = (originals, value)
+    variables = tuple(v for _, v in nnx.iter_graph(plist) if isinstance(v, nnx.Variable))
+    raws = tuple(v.get_raw_value() for v in variables)
+    _cache[key] = _CacheEntry(plist, tuple(plist), variables, raws, value)
     return value
 
 

@@ -779,6 +779,53 @@ def test_cached_recomputes_after_assignment():
         assert_close(jm.weight[...], X)
 
 
+class Scale(nnx.Module):
+    def __init__(self):
+        self.s = nnx.Param(jnp.array(2.0))
+
+    def __call__(self, x):
+        return self.s[...] * x
+
+
+def test_cached_recomputes_when_the_chain_or_a_links_variable_changes():
+    # torch returns the stale value in each case; the docs promise we do not.
+    jm = JM()
+    scale = Scale()
+    P.register_parametrization(jm, "weight", scale)
+    with P.cached():
+        assert_close(jm.weight[...], 2 * W)
+        scale.s[...] = 5.0  # a link's own Variable
+        assert_close(jm.weight[...], 5 * W)
+        P.register_parametrization(jm, "weight", lambda x: x + 1.0)  # a link appended
+        assert_close(jm.weight[...], 5 * W + 1)
+        P.remove_parametrizations(jm, "weight", leave_parametrized=False)
+        P.register_parametrization(jm, "weight", lambda x: 3 * x)  # a new chain
+        assert_close(jm.weight[...], 3 * W)
+        nnx.update(jm, jax.tree.map(lambda a: a + 1, nnx.state(jm)))  # new arrays
+        assert_close(jm.weight[...], 3 * (W + 1))
+
+
+def test_cached_spectral_norm_iterates_once_as_torch():
+    # A training read updates the link's own _u/_v; the next read inside the
+    # context is still a hit (one power iteration), as with torch's cache.
+    from jaxparam.parametrizations import spectral_norm
+
+    t = nn.Linear(4, 3)
+    f = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    f.kernel[...] = jnp.asarray(t.weight.detach().numpy().T)
+    torch.nn.utils.parametrizations.spectral_norm(t)
+    spectral_norm(f, rngs=nnx.Rngs(0))
+    sn_t, sn_f = t.parametrizations.weight[0], f.parametrizations.kernel[0]
+    sn_f._u[...] = jnp.asarray(sn_t._u.numpy())
+    sn_f._v[...] = jnp.asarray(sn_t._v.numpy())
+    with P.cached(), TP.cached():
+        a, b = f.kernel[...], f.kernel[...]
+        ta, tb = t.weight, t.weight
+    assert a is b and ta is tb
+    assert_close(a, tb.detach().numpy().T, 1e-5)
+    assert_close(sn_f._u[...], sn_t._u.numpy(), 1e-5)
+
+
 def test_cached_under_jit_does_not_leak_tracers():
     jm = JM()
     P.register_parametrization(jm, "weight", j_double)
