@@ -69,8 +69,9 @@ __all__ = [
     "transfer_parametrizations_and_params",
 ]
 
-_cache_enabled = 0
-_cache: dict[tuple[int, str], Tensor | None] = {}
+# The cache is torch's own (`torch.nn.utils.parametrize._cache`, read through the
+# module: torch rebinds it): one `cached()` context, whichever library opened it,
+# caches the modules of both (third-party code wraps calls in torch's).
 
 
 @contextmanager
@@ -81,6 +82,10 @@ def cached():
     accessed inside the context and reused afterwards; the values are discarded
     on exit (nested contexts: on the outermost exit). The cache holds torch
     tensors only, never JAX arrays that could alias torch memory.
+
+    It is torch's context itself: ``torch.nn.utils.parametrize.cached()``
+    caches ``torch_compat`` modules too, and this caches modules parametrized
+    with torch's ``register_parametrization``.
 
     Raises:
         Nothing by itself.
@@ -93,15 +98,8 @@ def cached():
         ...     m.weight is m.weight
         True
     """
-    global _cache
-    global _cache_enabled
-    _cache_enabled += 1
-    try:
+    with _torch_parametrize.cached():
         yield
-    finally:
-        _cache_enabled -= 1
-        if not _cache_enabled:
-            _cache = {}
 
 
 def _register_parameter_or_buffer(module, name, X) -> None:
@@ -162,7 +160,7 @@ class _Snapshot:
             self.tensors = [
                 (t, t.detach(), t.detach().clone(), t.requires_grad) for t in tensors.values()
             ]
-        self.cache = dict(_cache)
+        self.cache = dict(_torch_parametrize._cache)
 
     def restore(self) -> None:
         for cls, saved in self.classes.items():
@@ -183,8 +181,8 @@ class _Snapshot:
                 _restore_tensor(t, alias, value)
                 if t.requires_grad != requires_grad and t.is_leaf:
                     t.requires_grad_(requires_grad)
-        _cache.clear()
-        _cache.update(self.cache)
+        _torch_parametrize._cache.clear()
+        _torch_parametrize._cache.update(self.cache)
 
 
 _MISSING = object()
@@ -560,17 +558,18 @@ def _inject_property(module: Module, tensor_name: str) -> None:
     @torch.jit.unused
     def get_cached_parametrization(parametrization) -> Tensor:
         key = (id(module), tensor_name)
-        tensor = _cache.get(key)
+        cache = _torch_parametrize._cache
+        tensor = cache.get(key)
         if tensor is None:
             tensor = parametrization()
-            _cache[key] = tensor
+            cache[key] = tensor
         return tensor
 
     def get_parametrized(self) -> Tensor:
         if torch.jit.is_scripting():
             raise RuntimeError("Parametrization is not working with scripting.")
         parametrization = self.parametrizations[tensor_name]
-        if _cache_enabled:
+        if _torch_parametrize._cache_enabled:
             if torch.jit.is_scripting():
                 raise RuntimeError(
                     "Caching is not implemented for scripting. "

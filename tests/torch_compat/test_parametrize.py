@@ -531,6 +531,32 @@ def test_jax_cached_and_deepcopy_and_pickle():
         pickle.dumps(m)
 
 
+@pytest.mark.parametrize("opened_by", [torch_P, compat_P])
+def test_one_cache_for_both_libraries(opened_by):
+    # Third-party code wraps calls in torch's `cached()`: it must cache
+    # torch_compat's modules (spectral norm then iterates once, as torch's), and
+    # ours must cache modules parametrized with torch's register_parametrization.
+    from torch.nn.utils import parametrizations as torch_builtins
+
+    from torch_compat import parametrizations as compat_builtins
+
+    torch.manual_seed(0)
+    ref = torch_builtins.spectral_norm(nn.Linear(6, 6))
+    torch.manual_seed(0)
+    ours = compat_builtins.spectral_norm(nn.Linear(6, 6))
+    plain = torch_P.register_parametrization(nn.Linear(3, 3), "weight", Symmetric())
+    with opened_by.cached():
+        assert ours.weight is ours.weight and plain.weight is plain.weight
+        with torch_P.cached():
+            ref_w = ref.weight
+        assert ref.weight is ref_w
+        torch.testing.assert_close(ours.weight, ref_w)
+    assert not torch_P._cache_enabled and torch_P._cache == {}
+    torch.testing.assert_close(
+        ours.parametrizations.weight[0]._u, ref.parametrizations.weight[0]._u
+    )
+
+
 def test_jax_transfer():
     a = compat_P.register_parametrization(nn.Linear(3, 3), "weight", jax_symmetric)
     b = compat_P.transfer_parametrizations_and_params(a, nn.Linear(3, 3))
