@@ -1952,7 +1952,13 @@ def _run_vmapped(entry: _Entry, tensors: Sequence[torch.Tensor]) -> torch.Tensor
 
 
 def _needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    # An inference tensor (made under `torch.inference_mode`) does not take part
+    # in autograd: torch's weight norm and orthogonal of one give a result that
+    # does not require grad. (Mixed with a tensor that does, saving it raises
+    # torch's own error.)
+    return torch.is_grad_enabled() and any(
+        t.requires_grad and not t.is_inference() for t in tensors
+    )
 
 
 def _call(entry: _Entry, tensors: Sequence[torch.Tensor], grad: bool, transforms: bool):

@@ -234,6 +234,35 @@ def test_meta_device_as_torch(layer, builtin):
     _state_close(a, b, torch.float32)
 
 
+@pytest.mark.parametrize("builtin", ["weight_norm", "orthogonal", "spectral_norm"])
+def test_registered_under_inference_mode_as_torch(builtin):
+    # A model parametrized under torch.inference_mode() has inference tensors as
+    # originals. Read outside it, torch's weight norm and orthogonal give values
+    # that do not require grad; spectral norm's training read refuses to update
+    # its inference buffers.
+    out = []
+    for P in (TP, CP):
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            m = getattr(P, builtin)(nn.Linear(4, 4))
+        try:
+            w = m.weight
+            m(torch.ones(2, 4)).sum().backward()
+            out.append((w.requires_grad, w, m.bias.grad))
+        except RuntimeError as e:
+            out.append(str(e).split(".")[0])
+    if builtin == "spectral_norm":
+        assert (
+            out[0]
+            == out[1]
+            == "Inplace update to inference tensor outside InferenceMode is not allowed"
+        )
+    else:
+        assert out[0][0] is out[1][0] is False
+        _close(out[0][1], out[1][1], torch.float32)
+        _close(out[0][2], out[1][2], torch.float32)  # the bias still trains
+
+
 def test_spectral_norm_train_eval_and_in_place_buffers():
     a, b = _pair("linear", "spectral_norm")
     sn = b.parametrizations.weight[0]
