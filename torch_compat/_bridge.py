@@ -106,6 +106,9 @@ from jaxparam.functional import forward_mode_ad
 
 #: torch's node whose backward raises (what ``once_differentiable`` uses).
 _DelayedError = torch._C._functions.DelayedError
+#: The saved-tensor hooks in force (``None`` when none): non-reentrant
+#: ``torch.utils.checkpoint``, ``save_on_cpu``, ``saved_tensors_hooks``.
+_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 try:  # The fast path: skip jax.dlpack.from_dlpack's Python overhead (~30 us).
     from jax._src.lib import _jax as _jaxlib
@@ -1357,19 +1360,42 @@ def _innermost(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _setup(ctx, entry: _Entry, tensors: Sequence[torch.Tensor], y: torch.Tensor, out, arrays):
+def _setup(
+    ctx,
+    entry: _Entry,
+    tensors: Sequence[torch.Tensor],
+    y: torch.Tensor,
+    out,
+    arrays,
+    hooks: bool = False,
+):
+    """Keeps what the backward (and jvp) need on ``ctx``. ``hooks``: the
+    residuals go through torch's saved-tensor hooks when some are in force
+    (outside torch.func's transforms)."""
     ctx.entry = entry
     # The forward's inputs, and as imported (views of torch's memory, no copies):
     # for the jvp's zero tangents and for `_CotangentLinear` (create_graph=True).
     ctx.inputs, ctx.arrays = tensors, arrays
     if entry.vjp_res is not None:
-        ctx.residuals = out[2]  # JAX arrays, never exposed to torch
-        # The backward's saved inputs, as the forward's views of the same memory
-        # (`saved_tensors` in the backward still checks that torch did not change them).
-        ctx.saved_views = entry.vjp_res.views(arrays, entry.diff_pos, out[0])
         # Saved (inputs and output) so that torch's version counter catches
         # an in-place edit between forward and backward.
-        ctx.save_for_backward(*(tensors[i] for i in entry.diff_pos), y)
+        saved = [tensors[i] for i in entry.diff_pos]
+        saved.append(y)
+        if not hooks or _saved_tensors_hooks(False) is None:
+            ctx.hooked = 0
+            ctx.residuals = out[2]  # JAX arrays, never exposed to torch
+            # The backward's saved inputs, as the forward's views of the same memory
+            # (`saved_tensors` in the backward still checks that torch did not change them).
+            ctx.saved_views = entry.vjp_res.views(arrays, entry.diff_pos, out[0])
+        else:
+            # Saved-tensor hooks see every array the backward reads: checkpoint
+            # frees the residuals and recomputes them (spectral norm's backward
+            # then uses the recomputed power iteration, as torch's does), and
+            # save_on_cpu moves them. Views of XLA's buffers, never handed to users.
+            res = [_export(r, entry.cpu) for r in out[2]]
+            ctx.hooked = len(res)
+            saved.extend(res)
+        ctx.save_for_backward(*saved)
     if entry.lin_res is not None:  # forward mode: torch calls `jvp` right after
         ctx.lin_residuals = out[3]
         ctx.lin_views = entry.lin_res.views(arrays, entry.diff_pos, out[0])
@@ -1377,6 +1403,11 @@ def _setup(ctx, entry: _Entry, tensors: Sequence[torch.Tensor], y: torch.Tensor,
 
 def _backward_entry(ctx, grad: torch.Tensor):
     saved = ctx.saved_tensors  # checks the version counters
+    if getattr(ctx, "hooked", 0):  # the residuals came through the hooks (`_setup`)
+        saved, res = saved[: -ctx.hooked], saved[-ctx.hooked :]
+        jdev = ctx.entry.jdev
+        ctx.residuals = [_import(r, jdev) for r in res]
+        ctx.saved_views = [_import(saved[j], jdev) for j in ctx.entry.vjp_res.saved_used]
     if _forward_over_reverse((grad, *saved)):
         # A tangent would flow into our gradients, constants to forward mode.
         raise RuntimeError(_DOUBLE_BACKWARD.decode())
@@ -1623,7 +1654,7 @@ class _JaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, entry: _Entry, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         y, out, arrays = _run(entry, tensors)
-        _setup(ctx, entry, tensors, y, out, arrays)
+        _setup(ctx, entry, tensors, y, out, arrays, hooks=True)
         return y
 
     backward = staticmethod(_backward_entry)

@@ -263,6 +263,35 @@ def test_registered_under_inference_mode_as_torch(builtin):
         _close(out[0][2], out[1][2], torch.float32)  # the bias still trains
 
 
+@pytest.mark.parametrize("hooks", ["checkpoint", "save_on_cpu"])
+@pytest.mark.parametrize("builtin", ["weight_norm", "spectral_norm", "orthogonal"])
+def test_saved_tensor_hooks_as_torch(builtin, hooks):
+    # Non-reentrant activation checkpointing frees what the backward needs and
+    # recomputes it: spectral norm's backward then uses the recomputed power
+    # iteration (a gradient 0.95 away from the plain one here: 32 wide, so that
+    # one more iteration moves u), and the bridge's
+    # residuals must be recomputed too. save_on_cpu moves every saved tensor.
+    from torch.utils.checkpoint import checkpoint
+
+    out = []
+    for P in (TP, CP):
+        torch.manual_seed(0)
+        m = getattr(P, builtin)(nn.Linear(32, 32))
+        x = torch.randn(3, 32)
+        for _ in range(2):
+            if hooks == "checkpoint":
+                y = checkpoint(m, x, use_reentrant=False)
+            else:
+                with torch.autograd.graph.save_on_cpu():
+                    y = m(x)
+            y.pow(2).mean().backward()
+        out.append(m)
+    a, b = out
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        _close(pa.grad, pb.grad, torch.float32)
+    _state_close(a, b, torch.float32)
+
+
 def test_spectral_norm_train_eval_and_in_place_buffers():
     a, b = _pair("linear", "spectral_norm")
     sn = b.parametrizations.weight[0]
