@@ -410,6 +410,12 @@ class _JaxLink(torch.nn.Module):
 
     #: The user's parametrization's name, used where torch's messages name a link.
     parametrization_name: str = "JaxParametrization"
+    #: Whether autograd saves the link's inputs (``save_for_backward``), so that
+    #: an in-place edit of one between forward and backward raises torch's
+    #: error. A built-in whose torch original saves only values computed from
+    #: its input (orthogonal) says ``False``: then only the inputs the backward
+    #: reads are saved, and an original may change before the backward, as in torch.
+    saves_inputs: bool = True
 
     def _jax_key(self) -> Any:
         raise NotImplementedError
@@ -878,6 +884,7 @@ class _Entry:
         "n_x",
         "param_pos",
         "name",
+        "save_inputs",
     )
 
     def __init__(self, **kw):
@@ -1081,7 +1088,12 @@ def _build_entry(key, links, tensors, grad: bool, fwd: bool) -> _Entry:
         _jax_device(t.device)
     core, n_x, param_pos, buf_pos = _chain_core(links, tensors)
     name = _chain_name(links)
-    return _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad, name, fwd)
+    entry = _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad, name, fwd)
+    if not any(link.saves_inputs for link in links) and entry.vjp_res is not None:
+        # Only the output is saved, unless the backward reads an input's memory.
+        n_inputs = len(entry.diff_pos)
+        entry.save_inputs = any(j < n_inputs for j in entry.vjp_res.saved_used)
+    return entry
 
 
 def _chain_core(links, tensors):
@@ -1379,7 +1391,7 @@ def _setup(
     if entry.vjp_res is not None:
         # Saved (inputs and output) so that torch's version counter catches
         # an in-place edit between forward and backward.
-        saved = [tensors[i] for i in entry.diff_pos]
+        saved = [tensors[i] for i in entry.diff_pos] if entry.save_inputs is not False else []
         saved.append(y)
         if not hooks or _saved_tensors_hooks(False) is None:
             ctx.hooked = 0
@@ -1403,11 +1415,15 @@ def _setup(
 
 def _backward_entry(ctx, grad: torch.Tensor):
     saved = ctx.saved_tensors  # checks the version counters
-    if getattr(ctx, "hooked", 0):  # the residuals came through the hooks (`_setup`)
-        saved, res = saved[: -ctx.hooked], saved[-ctx.hooked :]
-        jdev = ctx.entry.jdev
-        ctx.residuals = [_import(r, jdev) for r in res]
-        ctx.saved_views = [_import(saved[j], jdev) for j in ctx.entry.vjp_res.saved_used]
+    entry: _Entry = ctx.entry
+    hooked = getattr(ctx, "hooked", 0)
+    if hooked:  # the residuals came through the hooks (`_setup`)
+        saved, res = saved[:-hooked], saved[-hooked:]
+    if entry.save_inputs is False:  # only the output was saved (`_JaxLink.saves_inputs`)
+        saved = (*(ctx.inputs[i] for i in entry.diff_pos), *saved)
+    if hooked:
+        ctx.residuals = [_import(r, entry.jdev) for r in res]
+        ctx.saved_views = [_import(saved[j], entry.jdev) for j in entry.vjp_res.saved_used]
     if _forward_over_reverse((grad, *saved)):
         # A tangent would flow into our gradients, constants to forward mode.
         raise RuntimeError(_DOUBLE_BACKWARD.decode())

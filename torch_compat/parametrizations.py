@@ -59,6 +59,10 @@ class _Orthogonal(_bridge._JaxLink):
     """torch's ``_Orthogonal`` link; the maps are `jaxparam.functional.orthogonal`."""
 
     parametrization_name = "_Orthogonal"  # torch's class name, for messages
+    # torch's saves only values computed from the original (its tril, the
+    # exponent, base): the original may change between forward and backward
+    # (`functional_call` with a weight, an optimizer step before the backward).
+    saves_inputs = False
 
     base: Tensor
 
