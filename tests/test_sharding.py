@@ -129,6 +129,26 @@ def test_sharding_metadata_through_registration_and_removal(findings):
     assert _padded(meta["spectral_norm_removed_spec"]) == [None, "model"]
 
 
+@pytest.mark.parametrize("case", ["spectral_norm", "orthogonal"])
+def test_explicit_mesh_registration_and_reads(findings, case):
+    # On a mesh with explicit axes (jax.sharding.AxisType.Explicit) JAX asks for the
+    # sharding of every product over a sharded axis: the functional core runs there
+    # on automatic axes. Registered on a (None, "model") kernel, the eager read has
+    # the one-device value and the kernel's sharding (on an Auto mesh an orthogonal
+    # value comes back replicated; here its type says where it lives).
+    res = findings["explicit"]
+    assert res["read_diff"][case] < 1e-6
+    assert _padded(res["read_spec"][case]) == [None, "model"]
+
+
+def test_explicit_mesh_training_matches_unsharded(findings):
+    res = findings["explicit"]
+    assert res["losses_sharded"] == pytest.approx(res["losses"], rel=1e-5)
+    assert res["max_param_diff"] < 1e-5
+    for case, spec in res["original_spec"].items():
+        assert _padded(spec) == [None, "model"], case
+
+
 def test_torch_compat_refuses_sharded_arrays(findings):
     res = findings["to_torch_sharded"]
     assert res["error"] in ("ValueError", "TypeError"), res

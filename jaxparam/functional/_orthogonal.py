@@ -6,8 +6,10 @@ In plain words, for ``X`` of shape ``(..., n, k)``::
     matrix_exp / cayley:
         A = skew(pad(tril(X)))          # A = Y - Y^H, Y = [tril(X), 0] of shape (..., n, n)
         Q = exp(A)[..., :k]             # or cayley(A) = (I - A/2)^{-1} (I + A/2)
-    householder (real only):
+    householder:
         Q = H_1 ... H_k [..., :k] * trunc(diag(X))   # reflectors from tril(X, -1)
+        (H_i = I - tau_i v_i v_i^H, tau = 2 / (1 + sum(v * v)): for a complex X, torch's
+        numbers, which need not be unitary; the right inverse refuses complex, as torch)
     if use_trivialization: Q = base @ Q
 
 The right inverse, with ``use_trivialization=True``, stores an orthogonal ``base``
@@ -34,6 +36,8 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+
+from jaxparam.functional import _sharding
 
 __all__ = [
     "default_orthogonal_map",
@@ -82,12 +86,18 @@ def _check_matrix(x: jax.Array) -> None:
         )
 
 
-def _check_map(orthogonal_map: str, x: jax.Array) -> None:
+def _check_map(orthogonal_map: str) -> None:
     if orthogonal_map not in _MAPS:
         raise ValueError(
             'orthogonal_map has to be one of "matrix_exp", "cayley", "householder". '
             f"Got: {orthogonal_map}"
         )
+
+
+def _check_real_householder(orthogonal_map: str, x: jax.Array) -> None:
+    # Torch refuses complex Householder weights at registration (no tau can be
+    # recovered from complex reflectors) and so never inverts one; its forward does
+    # run on a complex weight (a registered module cast with `.to(torch.complex64)`).
     if orthogonal_map == "householder" and _is_complex(x):
         raise ValueError(
             "The householder parametrization does not support complex tensors.\n"
@@ -261,8 +271,10 @@ def matrix_exp(a: jax.Array) -> jax.Array:
                [0., 1.]], dtype=float32)
     """
     if getattr(_tracing, "forward", False):
-        return _matrix_exp_fwd(a)[0]  # plain operations: forward mode differentiates them
-    return _matrix_exp_vjp(a)
+        fn = lambda a: _matrix_exp_fwd(a)[0]  # plain operations: forward mode differentiates them
+    else:
+        fn = _matrix_exp_vjp
+    return _sharding.call_auto(fn, (a,), functools.partial(_sharding.like, a))
 
 
 @jax.custom_vjp
@@ -396,17 +408,17 @@ def _cayley_jvp(primals, tangents):
 
 
 # ---------------------------------------------------------------------------------------
-# Householder product in compact WY form: H_1 ... H_k = I - V T V^T with
-# T^{-1} = striu(V^T V) + diag(1 / tau).
+# Householder product in compact WY form: H_1 ... H_k = I - V T V^H with
+# T^{-1} = striu(V^H V) + diag(1 / tau) (for complex inputs too: LAPACK's ungqr).
 
 
 def _householder_product(a: jax.Array, tau: jax.Array) -> jax.Array:
-    """First k columns of H_1 ... H_k, H_i = I - tau_i v_i v_i^T (LAPACK's orgqr)."""
+    """First k columns of H_1 ... H_k, H_i = I - tau_i v_i v_i^H (LAPACK's orgqr, ungqr)."""
     n, k = a.shape[-2], a.shape[-1]
     v = jnp.tril(a, -1) + jnp.eye(n, k, dtype=a.dtype)
-    vtv = _mm(_mT(v), v)
+    vtv = _mm(_mH(v), v)
     t_inv = jnp.triu(vtv, 1) + jnp.eye(k, dtype=a.dtype) / tau[..., None, :]
-    rhs = _mT(v[..., :k, :])
+    rhs = _mH(v[..., :k, :])
     t_vt = jax.lax.linalg.triangular_solve(t_inv, rhs, left_side=True, lower=False)
     return jnp.eye(n, k, dtype=a.dtype) - _mm(v, t_vt)
 
@@ -465,7 +477,11 @@ def is_orthogonal(Q: jax.Array, eps: float | None = None) -> jax.Array:
     if eps is None:
         eps = 10.0 * n * float(jnp.finfo(Q.dtype).eps)
     eye = jnp.eye(k, dtype=Q.dtype)
-    return jnp.all(jnp.abs(_mm(_mH(Q), Q) - eye) <= eps + 1e-5 * jnp.abs(eye))
+
+    def close(Q):
+        return jnp.all(jnp.abs(_mm(_mH(Q), Q) - eye) <= eps + 1e-5 * jnp.abs(eye))
+
+    return _sharding.call_auto(close, (Q,), functools.partial(_sharding.replicated, 0))
 
 
 def _make_orthogonal(a: jax.Array) -> jax.Array:
@@ -524,9 +540,12 @@ def orthogonal(
     For ``X`` of shape ``(..., n, k)`` the result has orthonormal columns when
     ``n >= k`` and orthonormal rows otherwise (wide matrices are handled through
     their transpose, as in torch). ``matrix_exp`` and ``cayley`` use
-    ``A = Y - Y^H`` with ``Y = [tril(X), 0]`` padded to square; ``householder`` (real
-    only) multiplies the reflectors stored below the diagonal of ``X`` and the
-    columns by ``trunc(diag(X))`` (torch's ``.int()``, no gradient). With
+    ``A = Y - Y^H`` with ``Y = [tril(X), 0]`` padded to square; ``householder``
+    multiplies the reflectors stored below the diagonal of ``X`` and the columns by
+    ``trunc(diag(X))`` (torch's ``.int()``, no gradient). A complex ``X`` gets
+    torch's numbers there: ``tau = 2 / (1 + sum(v * v))`` is complex, the product
+    need not be unitary, and only the real part of the diagonal is truncated
+    (torch refuses to register it, and `orthogonal_right_inverse` refuses it). With
     ``use_trivialization=True`` the result is ``base @ Q`` (``base`` is square of
     size ``max(n, k)``, from `orthogonal_right_inverse`).
 
@@ -543,8 +562,8 @@ def orthogonal(
 
     Raises:
         ValueError: if ``X`` has fewer than 2 dimensions, ``orthogonal_map`` is
-            unknown, ``householder`` is asked for a complex ``X`` (torch's messages),
-            or ``base`` is missing (or given) against ``use_trivialization``.
+            unknown (torch's messages), or ``base`` is missing (or given) against
+            ``use_trivialization``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -554,7 +573,7 @@ def orthogonal(
                [0., 0., 1.]], dtype=float32)
     """
     _check_matrix(X)
-    _check_map(orthogonal_map, X)
+    _check_map(orthogonal_map)
     if use_trivialization and base is None:
         raise ValueError(
             "orthogonal: `base` is required when use_trivialization=True.\n"
@@ -569,6 +588,15 @@ def orthogonal(
         # An empty matrix is orthogonal: torch returns it unchanged (and the maps'
         # reductions, such as the matrix exponential's norm, have no empty case).
         return X
+    # On an explicit mesh the result keeps X's sharding.
+    args = (X,) if base is None else (X, base)
+    compute = functools.partial(_orthogonal, orthogonal_map=orthogonal_map)
+    return _sharding.call_auto(compute, args, functools.partial(_sharding.like, X))
+
+
+def _orthogonal(
+    X: jax.Array, base: jax.Array | None = None, *, orthogonal_map: OrthogonalMap
+) -> jax.Array:
     n, k = X.shape[-2], X.shape[-1]
     transposed = n < k
     if transposed:
@@ -586,9 +614,10 @@ def orthogonal(
         A = jnp.tril(X, -1)
         tau = 2.0 / (1.0 + jnp.sum(A * A, axis=-2))
         Q = _householder_product(A, tau)
-        signs = jnp.trunc(jax.lax.stop_gradient(jnp.diagonal(X, axis1=-2, axis2=-1)))
+        # torch's `.int()`: truncation, of the real part for a complex X.
+        signs = jnp.trunc(jnp.real(jax.lax.stop_gradient(jnp.diagonal(X, axis1=-2, axis2=-1))))
         Q = Q * signs[..., None, :]
-    if use_trivialization:
+    if base is not None:
         Q = _mm(base, Q)
     if transposed:
         Q = _mT(Q)
@@ -642,14 +671,8 @@ def orthogonal_right_inverse(
         True
     """
     _check_matrix(Q)
-    _check_map(orthogonal_map, Q)
-    Q = jax.lax.stop_gradient(Q)
-    Q_init = Q
-    n, k = Q.shape[-2], Q.shape[-1]
-    transpose = n < k
-    if transpose:
-        Q = _mT(Q)
-        n, k = k, n
+    _check_map(orthogonal_map)
+    _check_real_householder(orthogonal_map, Q)
     if not use_trivialization:
         if orthogonal_map in ("cayley", "matrix_exp"):
             raise NotImplementedError(
@@ -657,22 +680,54 @@ def orthogonal_right_inverse(
                 "or the Cayley parametrizations when use_trivialization=False.\n"
                 'fix: use use_trivialization=True or orthogonal_map="householder"'
             )
-        A, tau = _geqrf(Q)
-        d = jnp.sign(jnp.diagonal(A, axis1=-2, axis2=-1))
-        d = jnp.where(tau == 0.0, -d, d)
-        idx = jnp.arange(k)
-        A = A.at[..., idx, idx].set(d)
-        return (_mT(A) if transpose else A), None
+        # On an explicit mesh X keeps Q's sharding.
+        return _sharding.call_auto(
+            _householder_inverse, (Q,), functools.partial(_sharding.like, Q)
+        ), None
+    if Q.shape[-2] != Q.shape[-1] and key is None:
+        raise ValueError(
+            "orthogonal_right_inverse: a `key` is required to complete a non-square "
+            "matrix into an orthogonal one.\n"
+            f"shape: {Q.shape}\n"
+            "fix: pass key=jax.random.key(...)"
+        )
+
+    def out_sharding(mesh):
+        # X keeps Q's sharding, base is replicated (but over Q's batch axes).
+        batch = jax.typeof(Q).sharding.spec[:-2]
+        return _sharding.like(Q, mesh), _sharding.replicated(Q.ndim, mesh, batch)
+
+    args = (Q,) if key is None else (Q, key)
+    return _sharding.call_auto(_trivialization_inverse, args, out_sharding)
+
+
+def _householder_inverse(Q: jax.Array) -> jax.Array:
+    Q = jax.lax.stop_gradient(Q)
+    n, k = Q.shape[-2], Q.shape[-1]
+    transpose = n < k
+    if transpose:
+        Q = _mT(Q)
+        n, k = k, n
+    A, tau = _geqrf(Q)
+    d = jnp.sign(jnp.diagonal(A, axis1=-2, axis2=-1))
+    d = jnp.where(tau == 0.0, -d, d)
+    idx = jnp.arange(k)
+    A = A.at[..., idx, idx].set(d)
+    return _mT(A) if transpose else A
+
+
+def _trivialization_inverse(
+    Q: jax.Array, key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    Q = jax.lax.stop_gradient(Q)
+    Q_init = Q
+    n, k = Q.shape[-2], Q.shape[-1]
+    if n < k:
+        Q = _mT(Q)
+        n, k = k, n
     if n == k:
         base = jnp.where(is_orthogonal(Q), Q, _make_orthogonal(Q))
     else:
-        if key is None:
-            raise ValueError(
-                "orthogonal_right_inverse: a `key` is required to complete a non-square "
-                "matrix into an orthogonal one.\n"
-                f"shape: {Q_init.shape}\n"
-                "fix: pass key=jax.random.key(...)"
-            )
         N = jax.random.normal(key, (*Q.shape[:-2], n, n - k), Q.dtype)
         base = _make_orthogonal(jnp.concatenate([Q, N], axis=-1))
     neg_id = -jnp.eye(Q_init.shape[-2], Q_init.shape[-1], dtype=Q_init.dtype)

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxparam.functional import _sharding
+
 __all__ = ["SpectralNormState", "spectral_norm", "spectral_norm_init"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -122,13 +124,19 @@ def spectral_norm_init(
     dim = _check_dim(dim, weight.ndim)
     if weight.ndim <= 1:
         return SpectralNormState(None, None)
-    weight_mat = jax.lax.stop_gradient(_to_matrix(weight, dim))
-    h, w = weight_mat.shape
-    ku, kv = jax.random.split(key)
-    u = _normalize(jax.random.normal(ku, (h,), weight.dtype), eps)
-    v = _normalize(jax.random.normal(kv, (w,), weight.dtype), eps)
-    u, v = _power_method(weight_mat, u, v, 15, eps)
-    return SpectralNormState(u, v)
+
+    def init(weight, key):
+        weight_mat = jax.lax.stop_gradient(_to_matrix(weight, dim))
+        h, w = weight_mat.shape
+        ku, kv = jax.random.split(key)
+        u = _normalize(jax.random.normal(ku, (h,), weight.dtype), eps)
+        v = _normalize(jax.random.normal(kv, (w,), weight.dtype), eps)
+        return SpectralNormState(*_power_method(weight_mat, u, v, 15, eps))
+
+    def out_sharding(mesh):  # on an explicit mesh the vectors come back replicated
+        return SpectralNormState(_sharding.replicated(1, mesh), _sharding.replicated(1, mesh))
+
+    return _sharding.call_auto(init, (weight, key), out_sharding)
 
 
 def spectral_norm(
@@ -181,10 +189,17 @@ def spectral_norm(
     _check_iterations(n_power_iterations)
     if weight.ndim == 1:
         return _normalize(weight, eps), state
-    weight_mat = _to_matrix(weight, dim)
-    u, v = state
-    if training:
-        u, v = _power_method(jax.lax.stop_gradient(weight_mat), u, v, n_power_iterations, eps)
-        u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
-    sigma = jnp.vdot(u, _mv(weight_mat, v), precision=_HIGHEST)
-    return weight / sigma, SpectralNormState(u, v)
+
+    def normalized(weight, u, v):
+        weight_mat = _to_matrix(weight, dim)
+        if training:
+            u, v = _power_method(jax.lax.stop_gradient(weight_mat), u, v, n_power_iterations, eps)
+            u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
+        sigma = jnp.vdot(u, _mv(weight_mat, v), precision=_HIGHEST)
+        return weight / sigma, SpectralNormState(u, v)
+
+    def out_sharding(mesh):  # on an explicit mesh every result keeps its input's sharding
+        u, v = (_sharding.like(x, mesh) for x in state)
+        return _sharding.like(weight, mesh), SpectralNormState(u, v)
+
+    return _sharding.call_auto(normalized, (weight, *state), out_sharding)

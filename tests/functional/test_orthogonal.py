@@ -49,15 +49,23 @@ def _torch_grad(t):
     return to_numpy(t.grad)
 
 
-def _run(shape, orthogonal_map, dtype, use_trivialization, jit=True):
+def _run(
+    shape, orthogonal_map, dtype, use_trivialization, jit=True, diagonal=0.0, unitary_base=False
+):
     rng = np.random.default_rng(0)
-    X = _randn(rng, shape, dtype)
+    X = _randn(rng, shape, dtype) + diagonal * jnp.eye(*shape[-2:], dtype=dtype)
     tX = to_torch_dtype(X, dtype)
-    mod = _Orthogonal(tX, getattr(_OrthMaps, orthogonal_map), use_trivialization=use_trivialization)
+    # torch refuses to register a complex Householder weight, but a registered module
+    # cast with `.to(torch.complex64)` runs its forward on one: build it from the real part.
+    mod = _Orthogonal(
+        tX.real, getattr(_OrthMaps, orthogonal_map), use_trivialization=use_trivialization
+    )
     base = None
     if use_trivialization:
         n = max(shape[-2:])
         base_np = _randn(rng, (*shape[:-2], n, n), dtype)
+        if unitary_base:  # as `right_inverse` makes it
+            base_np = jnp.linalg.qr(base_np)[0]
         tb = to_torch_dtype(base_np, dtype, requires_grad=True)
         mod.base = tb
         base = base_np
@@ -106,6 +114,27 @@ def test_orthogonal_float64(shape, orthogonal_map, x64):
 )
 def test_orthogonal_complex(shape, orthogonal_map, dtype, x64):
     _run(shape, orthogonal_map, dtype, use_trivialization=shape[-2:] == (3, 4))
+
+
+@pytest.mark.parametrize("use_trivialization", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((5, 3), "complex64"),
+        ((3, 5), "complex64"),
+        ((4, 4), "complex64"),
+        ((2, 5, 3), "complex128"),
+        ((2, 3, 5), "complex128"),
+        ((4, 4), "complex128"),
+    ],
+)
+def test_orthogonal_householder_complex(shape, dtype, use_trivialization, x64):
+    # Torch's forward on a complex X: tau = 2 / (1 + sum(A * A)) (no conjugate), the
+    # reflectors I - tau v v^H, the columns times trunc(real(diag(X))). The shifted
+    # diagonal makes those factors 1 or 2 mostly (0 zeroes a column's gradient). The
+    # product is not unitary: with a random base, gradients of size 20 leave float32
+    # rounding above 1e-5 (1e-14 in double); the base is unitary, as right_inverse's.
+    _run(shape, "householder", dtype, use_trivialization, diagonal=2.0, unitary_base=True)
 
 
 @pytest.mark.parametrize(
@@ -310,11 +339,14 @@ def test_error_householder_complex():
         ValueError,
         lambda: torch.nn.utils.parametrizations.orthogonal(m, orthogonal_map="householder"),
     )
+    # Refused where torch refuses (no tau can be recovered from complex reflectors):
+    # the inverse. The forward runs, as torch's does (test_orthogonal_householder_complex).
     X = jnp.ones((4, 3), jnp.complex64)
-    with pytest.raises(ValueError, match=match):
-        orthogonal(X, orthogonal_map="householder", use_trivialization=False)
-    with pytest.raises(ValueError, match=match):
-        orthogonal_right_inverse(X, orthogonal_map="householder")
+    for use_trivialization in (True, False):
+        with pytest.raises(ValueError, match=match):
+            orthogonal_right_inverse(
+                X, orthogonal_map="householder", use_trivialization=use_trivialization
+            )
 
 
 @pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley"])
@@ -359,13 +391,12 @@ def test_orthogonal_empty_is_unchanged_as_torch(shape, orthogonal_map):
 def test_orthogonal_forward_mode_matches_torch(shape, orthogonal_map, dtype, x64):
     """jax.jvp through each map (with the trivialization's base) against torch's
     forward-mode AD on `_Orthogonal`; `matrix_exp` inside `forward_mode_ad`."""
-    if orthogonal_map == "householder" and "complex" in dtype:
-        pytest.skip("householder is real only, as in torch")
     rng = np.random.default_rng(0)
     X, dX = _randn(rng, shape, dtype), _randn(rng, shape, dtype)
     n = max(shape[-2:])
     base, dbase = (_randn(rng, (*shape[:-2], n, n), dtype) for _ in range(2))
-    mod = _Orthogonal(to_torch_dtype(X, dtype), getattr(_OrthMaps, orthogonal_map))
+    # Built from the real part: torch registers no complex Householder weight (see _run).
+    mod = _Orthogonal(to_torch_dtype(X, dtype).real, getattr(_OrthMaps, orthogonal_map))
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level():
