@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import math
 import os
 import threading
@@ -461,6 +462,17 @@ class JaxParametrization(_JaxLink):
     def _jax_key(self) -> Any:
         return self.fn
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> JaxParametrization:
+        # A JAX function is pure: a copy shares it, as deepcopy shares plain
+        # functions, and so shares its compiled calls. (A jitted function or a
+        # functools.partial copied anew would compile again for every copy:
+        # "keep the best model" loops, AveragedModel.)
+        memo.setdefault(id(self.fn), self.fn)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def _jax_apply(self):
         fn = self.fn
 
@@ -755,7 +767,10 @@ def _is_cheap(lowered: Any) -> bool:
         return False
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    flops = cost.get("flops", float("inf")) if isinstance(cost, dict) else float("inf")
+    flops = float("inf")
+    if isinstance(cost, dict) and ("flops" in cost or "transcendentals" in cost):
+        # XLA leaves out "flops" when there are none (an elementwise `jnp.sin`).
+        flops = cost.get("flops", 0.0) + cost.get("transcendentals", 0.0)
     arrays = jax.tree.leaves((lowered.in_avals, lowered.out_info))
     size = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)
     return 0 <= flops <= _INLINE_MAX_FLOPS and size <= _INLINE_MAX_BYTES
@@ -1005,6 +1020,21 @@ class _Entry:
 _entries: dict[Any, _Entry] = {}
 _lock = threading.Lock()
 
+#: At most this many compiled chains are kept (and as many `call_jax`
+#: functions), the oldest dropped first. A key holds the user's JAX function,
+#: and what it captures (a lambda made for each new model may capture the
+#: model); each compiled chain holds about half a megabyte. A process that
+#: builds model after model (a hyper-parameter search) stays bounded; a model
+#: needs far fewer (one per chain structure, shapes, dtypes and mode).
+_MAX_ENTRIES = 256
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    while len(cache) >= _MAX_ENTRIES:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 #: Residuals of at most this many bytes are packed (per dtype) into one array.
 _PACK_MAX_BYTES = 64 * 1024
 
@@ -1247,7 +1277,7 @@ def _compile_entry(
         _check_compiled(entry.compiled, name)
         if fwd:  # now, so that a chain without forward mode refuses before it runs
             entry.forward_jvp()
-    _entries[key] = entry
+    _remember(_entries, key, entry)
     return entry
 
 
@@ -1331,15 +1361,24 @@ def _run_meta(links: Sequence[_JaxLink], tensors: Sequence[torch.Tensor]) -> tor
 #: deleter, which takes the GIL; when the interpreter is already exiting, taking
 #: the GIL ends the thread, and the process aborted ("terminate called without
 #: an active exception"). Held here, the last reference goes away on a Python
-#: thread instead.
-_recent_inputs: collections.deque = collections.deque(maxlen=8)
+#: thread instead. The worker is done with a call long before the next-but-one
+#: call, so two calls are held (at most a gradient's worth of memory more than
+#: torch); the inline client is synchronous and needs none (`_keep`).
+_recent_inputs: collections.deque = collections.deque(maxlen=2)
+
+
+def _keep(jdev: jax.Device | None, arrays: Any) -> None:
+    """Holds ``arrays`` (the inputs of a call on ``jdev``) in `_recent_inputs`
+    when the call runs on JAX's client (``jdev`` is None)."""
+    if jdev is None:
+        _recent_inputs.append(arrays)
 
 
 def _run(entry: _Entry, tensors: Sequence[torch.Tensor]):
     """Runs the compiled forward; returns the output tensor, the raw outputs and
     the imported inputs."""
     arrays = [_import(t, entry.jdev) for t in tensors]
-    _recent_inputs.append(arrays)
+    _keep(entry.jdev, arrays)
     with _x64_ctx(entry.x64):
         out = entry.compiled(*arrays)
     cpu = entry.cpu
@@ -1655,7 +1694,7 @@ def _jvp_call(ctx, jvp: Any, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
     """Runs a compiled JVP on the forward's linearization and ``tangents``."""
     entry: _Entry = ctx.entry
     arrays = [_import(t, entry.jdev) for t in tangents]
-    _recent_inputs.append(arrays)
+    _keep(entry.jdev, arrays)
     with _x64_ctx(entry.x64):
         out = jvp(ctx.lin_residuals, ctx.lin_views, *arrays)
     y_dot = _export(out, entry.cpu)
@@ -1904,7 +1943,7 @@ def _backward(ctx, grad: torch.Tensor, bwd: Any = None) -> list[torch.Tensor | N
     if bwd is None:
         bwd = entry.backward()
     inputs = ctx.saved_views
-    _recent_inputs.append((ct, inputs))
+    _keep(entry.jdev, (ct, inputs))
     with _x64_ctx(entry.x64):
         grads = bwd(ctx.residuals, inputs, ct)
     needs = ctx.needs_input_grad
@@ -2080,10 +2119,10 @@ def call_jax(fn: Callable[..., Any], *tensors: torch.Tensor, what: str, key: Any
             compiled = jax.jit(checked).trace(*specs).lower().compile()
         _check_compiled(compiled, what)
         hit = (x64, compiled, same)
-        _call_entries[ck] = hit
+        _remember(_call_entries, ck, hit)
     x64, compiled, same = hit
     arrays = [_import(t) for t in tensors]
-    _recent_inputs.append(arrays)
+    _keep(None, arrays)
     with torch.no_grad(), _x64_ctx(x64):
         out = compiled(*arrays)
     ptrs = {t.data_ptr() for t in tensors}

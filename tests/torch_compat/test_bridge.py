@@ -1,6 +1,11 @@
 """The DLPack bridge: zero copy, x64 without global config, autograd, errors, nnx."""
 
+import collections
+import copy
+import functools
+import gc
 import threading
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -726,3 +731,69 @@ def test_process_exits_cleanly_right_after_a_jax_client_call():
     for _ in range(3):
         res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-2000:]
+
+
+# -- what the bridge keeps across calls -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [jnp.tanh, jax.jit(lambda w: 2 * w), functools.partial(jnp.clip, min=-0.1, max=0.1)],
+    ids=["jnp_function", "jitted", "partial"],
+)
+def test_deepcopy_shares_the_jax_function_and_its_compiled_calls(fn):
+    # "Keep the best model" loops and AveragedModel deepcopy the model; a copy of
+    # a jitted function or a partial is a new key, which compiled again each time.
+    m = nn.Sequential(nn.Linear(4, 4))
+    P.register_parametrization(m[0], "weight", fn)
+    m(torch.ones(1, 4)).sum().backward()
+    before = len(_bridge._entries)
+    for _ in range(3):
+        c = copy.deepcopy(m)
+        c(torch.ones(1, 4)).sum().backward()
+        assert c[0].parametrizations.weight[0].fn is fn
+        original, copied = (
+            m[0].parametrizations.weight.original,
+            c[0].parametrizations.weight.original,
+        )
+        assert copied is not original and copied.data_ptr() != original.data_ptr()
+        torch.testing.assert_close(copied.grad, original.grad)
+    assert len(_bridge._entries) == before
+
+
+def test_compiled_calls_are_bounded_and_release_what_the_function_captured(monkeypatch):
+    # A lambda made for each new model (a hyper-parameter search in one process)
+    # is a new key; the cache keeps at most _MAX_ENTRIES, the oldest dropped first,
+    # and with it the function and what it captured (here its model).
+    monkeypatch.setattr(_bridge, "_entries", {})
+    monkeypatch.setattr(_bridge, "_MAX_ENTRIES", 8)
+    refs = []
+    for i in range(20):
+        m = nn.Linear(3, 3)
+        P.register_parametrization(m, "weight", lambda w, m=m, s=i: w * s)
+        m.weight.sum().backward()
+        refs.append(weakref.ref(m))
+        del m
+    gc.collect()
+    assert len(_bridge._entries) <= 8
+    assert refs[0]() is None and refs[-1]() is not None
+
+
+@pytest.mark.parametrize("client", ["inline", "jax"])
+def test_no_gradient_buffers_held_after_a_step(client, monkeypatch):
+    # The calls' inputs are kept alive only for JAX's (asynchronous) client, and
+    # only for the last two calls: a cotangent is weight-sized.
+    if client == "inline" and _bridge._INLINE.get() is None:
+        pytest.skip("no inline CPU client on this platform")
+    monkeypatch.setattr(_bridge, "_entries", {})
+    monkeypatch.setattr(_bridge, "_recent_inputs", collections.deque(maxlen=2))
+    if client == "jax":
+        monkeypatch.setattr(_bridge, "_INLINE_MAX_FLOPS", -1.0)
+    m = nn.Linear(8, 8)
+    P.register_parametrization(m, "weight", lambda w: jnp.sin(w))
+    for _ in range(5):
+        m(torch.ones(2, 8)).sum().backward()
+    assert len(_bridge._recent_inputs) == (0 if client == "inline" else 2)
+    # An elementwise chain without multiplications (XLA reports no "flops", only
+    # transcendentals) is cheap: it runs inline.
+    assert all((e.jdev is None) == (client == "jax") for e in _bridge._entries.values())
