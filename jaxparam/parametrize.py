@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -254,9 +255,8 @@ def _transaction(*modules: nnx.Module) -> Iterator[None]:
 # -- compiled evaluation -----------------------------------------------------
 
 
-@jax.jit(static_argnums=0)
-def _run_compiled(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[jax.Array, Any]:
-    """Run a ParametrizationList as one XLA computation.
+def _run_chain(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[jax.Array, Any]:
+    """Run a ParametrizationList as one XLA computation (jitted by `_compiled_chain`).
 
     Returns the value and only the state entries the chain changed (for example a
     power iteration's vectors), found at trace time by identity, so unchanged
@@ -274,6 +274,25 @@ def _run_compiled(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[jax.Array, 
         if new.get_raw_value() is not old:
             changed[path] = new
     return value, (nnx.from_flat_state(changed) if changed else None)
+
+
+#: The jitted chains of eager reads, one per graphdef (chain structure, links,
+#: shapes and dtypes), shared by every module with that chain. At most
+#: `_MAX_COMPILED` are kept, the oldest dropped first, with their executables:
+#: a graphdef holds its links, so a lambda made for each new model (a
+#: hyper-parameter search in one process) would otherwise keep every one, and
+#: what it captured, for good (about 1.4 MiB each).
+_MAX_COMPILED = 256
+_compiled: dict[nnx.GraphDef, Callable[[nnx.State], tuple[jax.Array, Any]]] = {}
+
+
+def _compiled_chain(graphdef: nnx.GraphDef) -> Callable[[nnx.State], tuple[jax.Array, Any]]:
+    fn = _compiled.get(graphdef)
+    if fn is None:
+        while len(_compiled) >= _MAX_COMPILED:
+            del _compiled[next(iter(_compiled))]
+        fn = _compiled[graphdef] = jax.jit(functools.partial(_run_chain, graphdef))
+    return fn
 
 
 # ---------------------------------------------------------------------------
@@ -441,7 +460,7 @@ class ParametrizationList(nnx.Module):
             # A link that is an unhashable callable (a class defining __eq__ and
             # no __hash__) is a static attribute jit cannot key on: run inline.
             return self()
-        value, changed = _run_compiled(graphdef, state)
+        value, changed = _compiled_chain(graphdef)(state)
         if changed is not None:
             nnx.update(self, changed)
         return value

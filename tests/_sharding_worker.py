@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxparam.parametrize as JP  # noqa: E402
 from jaxparam.parametrizations import orthogonal, spectral_norm, weight_norm  # noqa: E402
-from jaxparam.parametrize import _run_compiled  # noqa: E402
+from jaxparam.parametrize import _compiled_chain  # noqa: E402
 
 _COLLECTIVE = re.compile(
     r"= (\w+\[[\d,]*\])\S* (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
@@ -138,7 +138,7 @@ def builtins(out):
         register(sharded, **kw)
         shard(sharded)
         graphdef, state = nnx.split(sharded.parametrizations.kernel)
-        hlo = _run_compiled.lower(graphdef, state).compile().as_text()
+        hlo = _compiled_chain(graphdef).lower(state).compile().as_text()
         value = sharded.kernel[...]
         res[name] = {
             "kernel_spec": list(names),

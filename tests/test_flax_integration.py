@@ -368,6 +368,10 @@ def test_vmap_stack_of_parametrized_modules():
 # ---------------------------------------------------------------------------
 
 
+def _compiles():
+    return sum(fn._cache_size() for fn in P._compiled.values())
+
+
 def test_eager_access_compiles_once_per_structure():
     def make(seed, n=5):
         m = nnx.Linear(n, n, rngs=rngs(seed))
@@ -376,13 +380,40 @@ def test_eager_access_compiles_once_per_structure():
 
     a, b = make(0), make(1)
     _ = a.kernel  # may compile
-    size = P._run_compiled._cache_size()
+    size = _compiles()
     for _ in range(3):
         _ = a.kernel[...], b.kernel[...]
-    assert P._run_compiled._cache_size() == size  # same structure: no new compile
+    assert _compiles() == size  # same structure: no new compile
     b.kernel = jnp.eye(5)
     _ = b.kernel
-    assert P._run_compiled._cache_size() == size
+    assert _compiles() == size
     _ = make(2, n=6).kernel  # new shape: one more
-    assert P._run_compiled._cache_size() == size + 1
+    assert _compiles() == size + 1
     assert_close(a.kernel[...], symmetric(a.parametrizations.kernel.original[...]))
+
+
+def test_eager_compiled_chains_are_bounded_and_release_what_links_captured(monkeypatch):
+    # A lambda made for each new model (a hyper-parameter search in one process)
+    # is a new chain; at most _MAX_COMPILED are kept, the oldest dropped first,
+    # and with them the lambdas and what they captured (here an array).
+    import gc
+    import weakref
+
+    monkeypatch.setattr(P, "_compiled", {})
+    monkeypatch.setattr(P, "_MAX_COMPILED", 4)
+
+    class Mask:  # a weakly referenceable stand-in for a captured array
+        def __init__(self, n):
+            self.value = jnp.full((n, n), 0.5)
+
+    refs = []
+    for i in range(10):
+        m = nnx.Linear(3, 3, rngs=rngs(i))
+        mask = Mask(3)
+        P.register_parametrization(m, "kernel", lambda x, mask=mask: x * mask.value)
+        assert_close(m.kernel[...], 0.5 * m.parametrizations.kernel.original[...])
+        refs.append(weakref.ref(mask))
+        del m, mask
+    gc.collect()
+    assert len(P._compiled) == 4
+    assert refs[0]() is None and refs[-1]() is not None
