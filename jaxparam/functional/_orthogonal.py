@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxparam.functional import _sharding
+from jaxparam.functional._eager import jit_when_eager
 
 __all__ = [
     "default_orthogonal_map",
@@ -245,6 +246,7 @@ def forward_mode_ad() -> Iterator[None]:
         _tracing.forward = previous
 
 
+@jit_when_eager()
 def matrix_exp(a: jax.Array) -> jax.Array:
     """Matrix exponential of a (batch of) square matrices, cheap to differentiate.
 
@@ -528,6 +530,7 @@ def _geqrf(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jax.lax.fori_loop(0, k, body, (a, tau))
 
 
+@jit_when_eager("orthogonal_map", "use_trivialization")
 def orthogonal(
     X: jax.Array,
     base: jax.Array | None = None,
@@ -624,6 +627,7 @@ def _orthogonal(
     return Q
 
 
+@jit_when_eager("orthogonal_map", "use_trivialization")
 def orthogonal_right_inverse(
     Q: jax.Array,
     *,

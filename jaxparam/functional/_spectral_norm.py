@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxparam.functional import _sharding
+from jaxparam.functional._eager import jit_when_eager
 
 __all__ = ["SpectralNormState", "spectral_norm", "spectral_norm_init"]
 
@@ -92,6 +93,7 @@ def _power_method(
     return jax.lax.fori_loop(0, n, body, (u, v))
 
 
+@jit_when_eager("dim", "eps")
 def spectral_norm_init(
     weight: jax.Array, key: jax.Array, *, dim: int = 0, eps: float = 1e-12
 ) -> SpectralNormState:
@@ -139,6 +141,9 @@ def spectral_norm_init(
     return _sharding.call_auto(init, (weight, key), out_sharding)
 
 
+@jit_when_eager(
+    "n_power_iterations", "eps", "dim", "training", loops=lambda kw: kw.get("training", True)
+)
 def spectral_norm(
     weight: jax.Array,
     state: SpectralNormState,
