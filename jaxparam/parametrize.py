@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -78,9 +79,18 @@ class _CacheEntry(NamedTuple):
         )
 
 
-_cache_enabled = 0
-# (id(module), tensor_name) -> _CacheEntry
-_cache: dict[tuple[int, str], _CacheEntry] = {}
+class _CacheState(threading.local):
+    """`cached`'s state, per thread (torch's is process-wide: a thread inside
+    ``cached()`` made every other thread's reads cached too, and a training
+    spectral norm there skipped power iterations)."""
+
+    def __init__(self) -> None:
+        self.enabled = 0
+        # (id(module), tensor_name) -> _CacheEntry
+        self.cache: dict[tuple[int, str], _CacheEntry] = {}
+
+
+_cached = _CacheState()
 
 
 @contextlib.contextmanager
@@ -89,9 +99,11 @@ def cached() -> Iterator[None]:
 
     The first read of ``module.<name>`` inside the context computes the value and
     stores it; later reads return it. The cache is emptied when the outermost
-    context exits. Use it when a parametrized tensor is read several times in one
-    forward pass (an RNN's recurrent kernel, tied weights). Under ``jit`` XLA
-    already removes the duplicate work; eagerly, the cache is what saves it.
+    context exits. It belongs to the thread that opened it (torch's is
+    process-wide): other threads' reads are not cached by it. Use it when a
+    parametrized tensor is read several times in one forward pass (an RNN's
+    recurrent kernel, tied weights). Under ``jit`` XLA already removes the
+    duplicate work; eagerly, the cache is what saves it.
 
     Unlike torch, a cached value is only reused while its chain is the same (the
     same links, in the same order) and every Variable the chain reads (the
@@ -114,14 +126,14 @@ def cached() -> Iterator[None]:
       >>> a[...] is b[...]
       True
     """
-    global _cache_enabled, _cache
-    _cache_enabled += 1
+    state = _cached
+    state.enabled += 1
     try:
         yield
     finally:
-        _cache_enabled -= 1
-        if not _cache_enabled:
-            _cache = {}
+        state.enabled -= 1
+        if not state.enabled:
+            state.cache = {}
 
 
 def _has_right_inverse(link: Any) -> bool:
@@ -502,16 +514,17 @@ _CLASS_PREFIX = "Parametrized:"
 
 def _get_parametrized(module: nnx.Module, name: str) -> jax.Array:
     plist = module.parametrizations[name]
-    if not _cache_enabled:
+    state = _cached
+    if not state.enabled:
         return plist.evaluate()
     key = (id(module), name)
-    hit = _cache.get(key)
+    hit = state.cache.get(key)
     if hit is not None and hit.is_current(plist):
         return hit.value
     value = plist.evaluate()
     variables = tuple(v for _, v in nnx.iter_graph(plist) if isinstance(v, nnx.Variable))
     raws = tuple(v.get_raw_value() for v in variables)
-    _cache[key] = _CacheEntry(plist, tuple(plist), variables, raws, value)
+    state.cache[key] = _CacheEntry(plist, tuple(plist), variables, raws, value)
     return value
 
 

@@ -766,7 +766,7 @@ def test_cached_evaluates_once_and_clears_on_exit():
     _ = jm.weight, jm.weight
     _ = tm.weight, tm.weight
     assert int(jc.calls[...]) - base_j == tc.calls - base_t == 3
-    assert P._cache == {} and not P._cache_enabled
+    assert P._cached.cache == {} and not P._cached.enabled
 
 
 def test_cached_recomputes_after_assignment():
@@ -824,6 +824,36 @@ def test_cached_spectral_norm_iterates_once_as_torch():
     assert a is b and ta is tb
     assert_close(a, tb.detach().numpy().T, 1e-5)
     assert_close(sn_f._u[...], sn_t._u.numpy(), 1e-5)
+
+
+def test_cached_is_per_thread():
+    # torch's cache is process-wide; ours is per thread: another thread inside
+    # cached() neither caches this thread's reads nor sees its values.
+    import threading
+
+    jm, jc = JM(), JCounter()
+    P.register_parametrization(jm, "weight", jc)
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        other_m = JM()
+        P.register_parametrization(other_m, "weight", j_double)
+        with P.cached():
+            _ = other_m.weight
+            inside.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        base = int(jc.calls[...])
+        _ = jm.weight, jm.weight
+        assert int(jc.calls[...]) - base == 2
+        assert P._cached.cache == {}  # this thread's view
+    finally:
+        done.set()
+        thread.join()
 
 
 def test_cached_under_jit_does_not_leak_tracers():
