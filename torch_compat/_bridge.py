@@ -1118,12 +1118,10 @@ def _build_entry(key, links, tensors, grad: bool, fwd: bool) -> _Entry:
         _jax_device(t.device)
     core, n_x, param_pos, buf_pos = _chain_core(links, tensors)
     name = _chain_name(links)
-    entry = _compile_entry(key, core, n_x, param_pos, buf_pos, tensors, grad, name, fwd)
-    if not any(link.saves_inputs for link in links) and entry.vjp_res is not None:
-        # Only the output is saved, unless the backward reads an input's memory.
-        n_inputs = len(entry.diff_pos)
-        entry.save_inputs = any(j < n_inputs for j in entry.vjp_res.saved_used)
-    return entry
+    saves_inputs = any(link.saves_inputs for link in links)
+    return _compile_entry(
+        key, core, n_x, param_pos, buf_pos, tensors, grad, name, fwd, saves_inputs
+    )
 
 
 def _chain_core(links, tensors):
@@ -1191,12 +1189,23 @@ def _of_diff(core, flat: Sequence[Any], diff_pos: Sequence[int]) -> Callable[...
 
 
 def _compile_entry(
-    key, core, n_x, param_pos, buf_pos, tensors, grad: bool, name: str, fwd: bool = False
+    key,
+    core,
+    n_x,
+    param_pos,
+    buf_pos,
+    tensors,
+    grad: bool,
+    name: str,
+    fwd: bool = False,
+    saves_inputs: bool = True,
 ) -> _Entry:
     """Traces and compiles the chain ``core`` (flat inputs -> output, new buffers).
 
     ``grad``: the forward also returns the VJP's residuals (reverse mode);
-    ``fwd``: the linear map's (``jax.linearize``, forward mode).
+    ``fwd``: the linear map's (``jax.linearize``, forward mode);
+    ``saves_inputs``: autograd saves every differentiable input, not only those
+    the backward reads (`_JaxLink.saves_inputs`).
     """
     dtypes = [t.dtype for t in tensors]
     diff_pos = tuple(i for i in [*range(n_x), *param_pos] if dtypes[i] in _INEXACT)  # never buffers
@@ -1239,6 +1248,10 @@ def _compile_entry(
     for res in (vjp_res, lin_res):
         if res is not None:
             res.finish(all_saved)
+    # Without `saves_inputs`, only the output is saved, unless the backward reads
+    # an input's memory. Decided before the entry is shared with other threads.
+    if not saves_inputs and vjp_res is not None:
+        saves_inputs = any(j < len(diff_pos) for j in vjp_res.saved_used)
     entry = _Entry(
         x64=x64,
         cpu=all(t.device.type == "cpu" for t in tensors),
@@ -1256,6 +1269,7 @@ def _compile_entry(
         n_x=n_x,
         param_pos=tuple(param_pos),
         name=name,
+        save_inputs=saves_inputs,
     )
     if entry.cpu and _INLINE.get() is not None and _is_cheap(lowered):
         # The forward and its later calls all inline, or none: the residuals live
@@ -1430,7 +1444,7 @@ def _setup(
     if entry.vjp_res is not None:
         # Saved (inputs and output) so that torch's version counter catches
         # an in-place edit between forward and backward.
-        saved = [tensors[i] for i in entry.diff_pos] if entry.save_inputs is not False else []
+        saved = [tensors[i] for i in entry.diff_pos] if entry.save_inputs else []
         saved.append(y)
         if not hooks or _saved_tensors_hooks(False) is None:
             ctx.hooked = 0
@@ -1458,9 +1472,9 @@ def _backward_entry(ctx, grad: torch.Tensor):
     hooked = getattr(ctx, "hooked", 0)
     if hooked:  # the residuals came through the hooks (`_setup`)
         saved, res = saved[:-hooked], saved[-hooked:]
-    if entry.save_inputs is False:  # only the output was saved (`_JaxLink.saves_inputs`)
+    if not entry.save_inputs:  # only the output was saved (`_JaxLink.saves_inputs`)
         saved = (*(ctx.inputs[i] for i in entry.diff_pos), *saved)
-    if hooked:
+    if hooked:  # the views `_setup` keeps otherwise, from what the hooks gave back
         ctx.residuals = [_import(r, entry.jdev) for r in res]
         ctx.saved_views = [_import(saved[j], entry.jdev) for j in entry.vjp_res.saved_used]
     if _forward_over_reverse((grad, *saved)):
