@@ -30,6 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxparam.parametrize as JP  # noqa: E402
+from jaxparam import functional as F  # noqa: E402
 from jaxparam.parametrizations import orthogonal, spectral_norm, weight_norm  # noqa: E402
 from jaxparam.parametrize import _compiled_chain  # noqa: E402
 
@@ -213,16 +214,27 @@ def explicit_axes(out):
             model = Branches()
             xs = jax.device_put(x, NamedSharding(EXPLICIT_MESH, P("data"))) if sharded else x
             reads = {name: getattr(model, name).kernel[...] for name in EXPLICIT_CASES}
+            # Eager calls of the functional core outside `_eager`'s jit, on the
+            # explicit mesh: the orthogonality test, evaluation-mode spectral norm.
+            sn = model.spectral_norm.parametrizations.kernel
+            state = F.SpectralNormState(sn[0]._u[...], sn[0]._v[...])
+            eager = (
+                bool(F.is_orthogonal(reads["orthogonal"].T)),
+                np.asarray(F.spectral_norm(sn.original[...], state, dim=1, training=False)[0]),
+            )
             opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
             jstep = nnx.jit(step)
             losses = [float(jstep(model, opt, xs)) for _ in range(3)]
-            runs[sharded] = (reads, losses, dict(nnx.to_flat_state(nnx.state(model, nnx.Param))))
-    (reads0, losses0, params0), (reads1, losses1, params1) = runs[False], runs[True]
+            params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+            runs[sharded] = (reads, losses, params, eager)
+    (reads0, losses0, params0, eager0), (reads1, losses1, params1, eager1) = runs[False], runs[True]
 
     def diff(a, b):
         return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
     out["explicit"] = {
+        "eager_is_orthogonal": [eager0[0], eager1[0]],
+        "eager_eval_diff": diff(eager1[1], eager0[1]),
         "losses": losses0,
         "losses_sharded": losses1,
         "read_diff": {name: diff(reads1[name], reads0[name]) for name in EXPLICIT_CASES},

@@ -141,6 +141,14 @@ def test_explicit_mesh_registration_and_reads(findings, case):
     assert _padded(res["read_spec"][case]) == [None, "model"]
 
 
+def test_explicit_mesh_eager_functional_calls(findings):
+    # Eager calls that run op by op on the mesh's automatic axes (an identity
+    # matrix made outside them once broke `is_orthogonal` there).
+    res = findings["explicit"]
+    assert res["eager_is_orthogonal"] == [True, True]
+    assert res["eager_eval_diff"] < 1e-6
+
+
 def test_explicit_mesh_training_matches_unsharded(findings):
     res = findings["explicit"]
     assert res["losses_sharded"] == pytest.approx(res["losses"], rel=1e-5)

@@ -478,9 +478,9 @@ def is_orthogonal(Q: jax.Array, eps: float | None = None) -> jax.Array:
     n, k = Q.shape[-2], Q.shape[-1]
     if eps is None:
         eps = 10.0 * n * float(jnp.finfo(Q.dtype).eps)
-    eye = jnp.eye(k, dtype=Q.dtype)
 
     def close(Q):
+        eye = jnp.eye(k, dtype=Q.dtype)  # made here: on the mesh's automatic axes
         return jnp.all(jnp.abs(_mm(_mH(Q), Q) - eye) <= eps + 1e-5 * jnp.abs(eye))
 
     return _sharding.call_auto(close, (Q,), functools.partial(_sharding.replicated, 0))

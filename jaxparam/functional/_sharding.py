@@ -44,13 +44,13 @@ def call_auto(fn: Callable[..., Any], args: tuple, out_sharding: Callable[[Any],
     """``fn(*args)``, on automatic axes where an argument is sharded over explicit ones.
 
     ``out_sharding(mesh)`` gives the results' shardings (a tree like the result's);
-    it is called only on an explicit mesh. There the call is compiled whole: run
-    eagerly (registration), ``auto_axes`` would compile every operation for its
-    sharding, about 3x slower for an orthogonal right inverse. Under ``jit`` the
-    inner ``jit`` is inlined.
+    it is called only on an explicit mesh. Not compiled here: ``fn`` is a new
+    closure on every call, and a ``jit`` of it would compile and keep a new
+    executable each time. The public functions that loop already run whole under
+    one ``jit`` when called eagerly (`jaxparam.functional._eager`).
     """
     mesh = _explicit_mesh(args)
     if mesh is None:
         return fn(*args)
     auto = jax.sharding.auto_axes(fn, axes=mesh.explicit_axes, out_sharding=out_sharding(mesh))
-    return jax.jit(auto)(*args)
+    return auto(*args)
