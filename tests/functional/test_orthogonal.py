@@ -77,9 +77,14 @@ def _run(
     Q, gX, gb = _value_and_vjp(orthogonal_map, use_trivialization, jit)(X, base, ct)
     assert Q.shape == shape and Q.dtype == X.dtype
     assert_close(Q, to_numpy(tQ), dtype)
-    assert_close(jnp.conj(gX), _torch_grad(tX), dtype)
+    # Rounding grows with the gradient's size: householder's reach 42 here, where
+    # an absolute 1e-5 is 4 float32 ulps (an AMD EPYC machine gave 2.1e-5 against
+    # torch). The tolerance is relative above 1.
+    tgX = _torch_grad(tX)
+    assert_close(jnp.conj(gX), tgX, dtype, scale=max(1.0, float(np.abs(tgX).max())))
     if use_trivialization:
-        assert_close(jnp.conj(gb), _torch_grad(tb), dtype)
+        tgb = _torch_grad(tb)
+        assert_close(jnp.conj(gb), tgb, dtype, scale=max(1.0, float(np.abs(tgb).max())))
 
 
 @pytest.mark.parametrize("orthogonal_map", MAPS)
