@@ -30,8 +30,10 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import jax.numpy as jnp
 import torch
 from torch import Tensor
 from torch.nn.modules import Module
@@ -47,6 +49,20 @@ __all__ = ["orthogonal", "spectral_norm", "weight_norm"]
 # --------------------------------------------------------------------------- #
 # Orthogonal
 # --------------------------------------------------------------------------- #
+
+
+def _scalar_type(t: Tensor) -> str:
+    # torch names a dtype in its kernel errors as in `Tensor.type()`: Long, Half, BFloat16, ...
+    return t.new_empty(0).type().rsplit(".", 1)[-1].removesuffix("Tensor")
+
+
+def _not_implemented(kernel: str, t: Tensor) -> NotImplementedError:
+    # torch's message for a LAPACK kernel without this dtype (its CPU kernels' names).
+    return NotImplementedError(f"\"{kernel}_cpu\" not implemented for '{_scalar_type(t)}'")
+
+
+#: The half-precision dtypes: LAPACK (torch's geqrf/lu, JAX's qr/solve) has no kernel for them.
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _none_at_matmul() -> TypeError:
@@ -92,6 +108,11 @@ class _Orthogonal(_bridge._JaxLink):
         name = self.orthogonal_map.name
 
         def apply(params, buffers, X):
+            if name == "cayley" and X.dtype in (jnp.float16, jnp.bfloat16):
+                # torch's `linalg.solve` (LU) has no half kernel, nor has JAX's solve:
+                # raise torch's error, not JAX's (trace time, before anything runs).
+                kind = "Half" if X.dtype == jnp.float16 else "BFloat16"
+                raise NotImplementedError(f"\"lu_cpu\" not implemented for '{kind}'")
             base = buffers[0] if buffers else None
             Q = F.orthogonal(X, base, orthogonal_map=name, use_trivialization=base is not None)
             return Q, buffers
@@ -119,6 +140,9 @@ class _Orthogonal(_bridge._JaxLink):
                     "It is not possible to assign to the matrix exponential "
                     "or the Cayley parametrizations when use_trivialization=False."
                 )
+            if not (Q.is_floating_point() or Q.is_complex()):
+                # torch's `geqrf` of an integer tensor (registration ignores it, as torch's).
+                raise _not_implemented("geqrf", Q)
             A = _bridge.call_jax(
                 lambda q: F.orthogonal_right_inverse(
                     q, orthogonal_map="householder", use_trivialization=False
@@ -128,18 +152,43 @@ class _Orthogonal(_bridge._JaxLink):
                 key=("torch_compat._Orthogonal.right_inverse", "householder", False),
             )
             return A.mT if transpose else A
+        if n == k and not (Q.is_floating_point() or Q.is_complex()):
+            # torch's `_is_orthogonal` asks `torch.finfo` for the tolerance (JAX would
+            # raise a ValueError of its own).
+            raise TypeError(
+                "torch.finfo() requires a floating point input type. "
+                "Use torch.iinfo to handle 'torch.finfo'\n"
+                "fix: make the tensor floating point before registering orthogonal"
+            )
+        if Q.dtype in _HALF and n != k:
+            # torch completes Q, then its QR (`geqrf`) fails in half precision; so
+            # would JAX's. Raised before drawing the completion (nothing changes).
+            raise _not_implemented("geqrf", Q)
         if n != k:
             # torch's completion: n - k standard normal columns from torch's generator.
             N = torch.randn(*(Q.size()[:-2] + (n, n - k)), dtype=Q.dtype, device=Q.device)
             Q = torch.cat([Q, N], dim=-1)
-        # Q is square here: the functional core keeps it if orthogonal, else takes
-        # its QR factor with a non-negative diag(R) (torch's `_make_orthogonal`).
-        self.base = _bridge.call_jax(
-            lambda q: F.orthogonal_right_inverse(q, orthogonal_map=name)[1],
-            Q,
-            what="`right_inverse`",
-            key=("torch_compat._Orthogonal.right_inverse", name, True),
-        )
+        if Q.dtype in _HALF:
+            # torch keeps an orthogonal half Q (its check is a matmul) and fails in the
+            # QR of any other; JAX's QR has no half kernel at all, so only the check runs.
+            is_orth = _bridge.call_jax(
+                lambda q: F.is_orthogonal(q),
+                Q,
+                what="`right_inverse`",
+                key=("torch_compat._Orthogonal.is_orthogonal",),
+            )
+            if not is_orth:
+                raise _not_implemented("geqrf", Q)
+            self.base = Q.clone()
+        else:
+            # Q is square here: the functional core keeps it if orthogonal, else takes
+            # its QR factor with a non-negative diag(R) (torch's `_make_orthogonal`).
+            self.base = _bridge.call_jax(
+                lambda q: F.orthogonal_right_inverse(q, orthogonal_map=name)[1],
+                Q,
+                what="`right_inverse`",
+                key=("torch_compat._Orthogonal.right_inverse", name, True),
+            )
         # -Id, so that householder(zeros) == eye (torch's "poor man's eye_like").
         neg_Id = torch.zeros_like(Q_init)
         neg_Id.diagonal(dim1=-2, dim2=-1).fill_(-1.0)
@@ -178,6 +227,8 @@ def orthogonal(
         ValueError: if ``module`` has no tensor ``name``, the tensor has fewer
             than 2 dimensions, ``orthogonal_map`` is unknown, or
             ``"householder"`` is asked for a complex tensor (torch's messages).
+        TypeError: if the tensor is a square integer or bool matrix (torch's
+            ``torch.finfo`` message, with the trivialization).
 
     Example:
         >>> import torch
@@ -234,9 +285,9 @@ def _check_norm_input(weight: Tensor, dim: int) -> None:
         raise IndexError(_NO_DIMENSIONS.format(dim=dim))
     if not (weight.is_floating_point() or weight.is_complex()):
         # torch names the scalar type as in `Tensor.type()`: Int, Long, Bool, Byte, ...
-        kind = weight.new_empty(0).type().rsplit(".", 1)[-1].removesuffix("Tensor")
         raise RuntimeError(
-            f"norm(): input dtype should be either floating point or complex. Got {kind} instead."
+            "norm(): input dtype should be either floating point or complex. "
+            f"Got {_scalar_type(weight)} instead."
         )
 
 
@@ -344,6 +395,34 @@ def _sn_warmup(weight_mat, u, v, *, eps: float):
     return list(state)
 
 
+def _check_uv(shape: tuple[int, ...], dim: int, u: Any, v: Any, *, training: bool) -> None:
+    """Raises what torch's power method or sigma raises when ``_u``, ``_v`` do not fit
+    the weight matrix (a replaced original, a transfer to another shape); JAX would
+    raise a TypeError of its own. Trace time: nothing has run, nothing changed."""
+    h = shape[dim]
+    w = math.prod(s for i, s in enumerate(shape) if i != dim)
+    # torch's first product, in both modes: `torch.mv(weight_mat, _v)`.
+    if v.shape[0] != w:
+        raise RuntimeError(f"size mismatch, got input ({h}), mat ({h}x{w}), vec ({v.shape[0]})")
+    if u.shape[0] != h:
+        # torch's `torch.vdot(u, torch.mv(weight_mat, v))`.
+        msg = (
+            f"inconsistent tensor size, expected tensor [{u.shape[0]}] and src [{h}] to "
+            f"have the same number of elements, but got {u.shape[0]} and {h} elements "
+            "respectively"
+        )
+        if training:
+            # torch's power method resizes `_u` in place here (a deprecated resize of an
+            # `out=` tensor, with a warning); the JAX link updates its buffers in place
+            # with their shapes, so it raises the error torch raises in eval mode.
+            msg += (
+                f"\nfix: the weight has {h} rows but `_u` has {u.shape[0]} elements; "
+                "register spectral_norm again on the new weight (or replace `_u` by a "
+                f"tensor of {h} elements)"
+            )
+        raise RuntimeError(msg)
+
+
 class _SpectralNorm(_bridge._JaxLink):
     """torch's ``_SpectralNorm`` link; the math is `jaxparam.functional.spectral_norm`."""
 
@@ -417,6 +496,8 @@ class _SpectralNorm(_bridge._JaxLink):
         n = getattr(self, "n_power_iterations", 1)
 
         def apply(params, buffers, weight):
+            if buffers and weight.ndim > 1:
+                _check_uv(weight.shape, dim, *buffers, training=training)
             state = F.SpectralNormState(*buffers) if buffers else F.SpectralNormState(None, None)
             y, new = F.spectral_norm(
                 weight, state, n_power_iterations=n, eps=eps, dim=dim, training=training
