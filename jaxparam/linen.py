@@ -161,13 +161,21 @@ def _fmt(path: Sequence[str]) -> str:
 
 
 def _collection_of(variable_type: type) -> str:
-    """The linen collection for a link Variable of this type."""
+    """The linen collection for a link Variable of this type.
+
+    A name flax registered by itself is skipped: ``nnx.bridge.ToLinen`` names a
+    collection after each Variable type it does not know (``PowerIteration`` ->
+    ``"PowerIteration"``), for the rest of the process, and the collection here
+    must not depend on whether a ToLinen ran before.
+    """
     for t in variable_type.__mro__:
         if isinstance(t, type) and issubclass(t, nnx.Variable):
             try:
-                return variablelib.variable_name_from_type(t, allow_register=False)
+                name = variablelib.variable_name_from_type(t, allow_register=False)
             except ValueError:
                 continue
+            if name != t.__name__:  # ToLinen's registrations take the class's name
+                return name
     return BUFFERS
 
 
@@ -933,10 +941,12 @@ def weight_norm(
       (1, 4)
     """
     path = _as_path(path)
-    weight = _leaf(variables, path) if path not in (spec or ()) else None
-    ndim = (
-        weight.ndim if weight is not None else get_parametrized(variables, path, spec=spec).ndim  # type: ignore[arg-type]
-    )
+    if path in (spec or ()):
+        ndim = jax.eval_shape(lambda v: get_parametrized(v, path, spec=spec), variables).ndim
+    elif _has(variables, path) and not isinstance(_get(variables, path), Mapping):
+        ndim = jnp.ndim(_get(variables, path))
+    else:  # torch's weight_norm goes straight to register_parametrization: its error
+        return register_parametrization(variables, path, WeightNorm(None), unsafe=True, spec=spec)
     link = WeightNorm(_resolve_dim(path, dim, ndim))
     return register_parametrization(variables, path, link, unsafe=True, spec=spec)
 

@@ -23,7 +23,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxparam import functional as F
-from jaxparam.parametrize import is_parametrized, register_parametrization
+from jaxparam.parametrize import (
+    _missing_tensor_error,
+    _transaction,
+    is_parametrized,
+    register_parametrization,
+)
 
 __all__ = [
     "Orthogonal",
@@ -49,7 +54,9 @@ def _weight(module: nnx.Module, name: str) -> jax.Array:
     """The current value of ``module.<name>``, as torch's ``getattr(module, name)``.
 
     A name that is already parametrized gives its parametrized value, so a
-    built-in can be appended to a chain, as in torch.
+    built-in can be appended to a chain, as in torch. Reading it runs the chain:
+    in training mode a spectral norm in it takes a power iteration, as in torch,
+    so the built-ins that read call this inside a `_transaction`.
     """
     if is_parametrized(module, name):
         return getattr(module, name)[...]
@@ -59,6 +66,18 @@ def _weight(module: nnx.Module, name: str) -> jax.Array:
             f"Module '{type(module).__name__}' has no parameter or buffer with name '{name}'\n"
             "fix: name an nnx.Variable held directly by the module (for example 'kernel')."
         )
+    return var.get_value()
+
+
+def _weight_shape(module: nnx.Module, name: str) -> jax.Array | jax.ShapeDtypeStruct:
+    """The shape and dtype of ``module.<name>``, without running a chain (torch's
+    ``weight_norm`` never reads the weight: no power iteration of a spectral norm
+    already in the chain), and ``register_parametrization``'s error for a bad name."""
+    if is_parametrized(module, name):
+        return module.parametrizations[name].eval_shape()
+    var = vars(module).get(name)
+    if not isinstance(var, nnx.Variable):
+        raise _missing_tensor_error(module, name)
     return var.get_value()
 
 
@@ -154,7 +173,7 @@ def weight_norm(module: nnx.Module, name: str = "kernel", dim: Any = DEFAULT) ->
       >>> layer.parametrizations.kernel.original0.shape
       (1, 4)
     """
-    weight = _weight(module, name)
+    weight = _weight_shape(module, name)
     _check_inexact(module, name, weight, "weight_norm")
     if weight.ndim == 0:
         # torch: norm_except_dim on a 0-d tensor, whatever `dim`.
@@ -285,15 +304,16 @@ def spectral_norm(
       >>> bool(jnp.abs(sigma - 1.0) < 1e-3)
       True
     """
-    weight = _weight(module, name)
-    _check_inexact(module, name, weight, "spectral_norm")
-    flax_dim = _resolve_dim(module, dim, weight.ndim)
-    if flax_dim is None:
-        raise ValueError("spectral_norm needs an output dimension; got dim=None.")
-    link = SpectralNorm(
-        jax.lax.stop_gradient(weight), n_power_iterations, flax_dim, eps, key=_key(rngs)
-    )
-    return register_parametrization(module, name, link)
+    with _transaction(module):  # reading the weight may take a power iteration
+        weight = _weight(module, name)
+        _check_inexact(module, name, weight, "spectral_norm")
+        flax_dim = _resolve_dim(module, dim, weight.ndim)
+        if flax_dim is None:
+            raise ValueError("spectral_norm needs an output dimension; got dim=None.")
+        link = SpectralNorm(
+            jax.lax.stop_gradient(weight), n_power_iterations, flax_dim, eps, key=_key(rngs)
+        )
+        return register_parametrization(module, name, link)
 
 
 def _key(rngs: nnx.Rngs | jax.Array | int) -> jax.Array:
@@ -431,24 +451,25 @@ def orthogonal(
       >>> bool(jnp.allclose(k @ k.T, jnp.eye(3), atol=1e-5))
       True
     """
-    weight = _weight(module, name)
-    if weight.ndim < 2:
-        raise ValueError(
-            f"Expected a matrix or batch of matrices. Got a tensor of {weight.ndim} dimensions."
+    with _transaction(module):  # reading the weight may take a power iteration
+        weight = _weight(module, name)
+        if weight.ndim < 2:
+            raise ValueError(
+                f"Expected a matrix or batch of matrices. Got a tensor of {weight.ndim} dimensions."
+            )
+        _check_inexact(module, name, weight, "orthogonal")
+        if orthogonal_map is None:
+            orthogonal_map = F.default_orthogonal_map(_mT(weight))
+        if orthogonal_map not in ("matrix_exp", "cayley", "householder"):
+            raise ValueError(
+                'orthogonal_map has to be one of "matrix_exp", "cayley", "householder". '
+                f"Got: {orthogonal_map}"
+            )
+        key = _key(rngs)
+        link = Orthogonal(
+            weight,
+            orthogonal_map,
+            use_trivialization=use_trivialization,
+            rngs=nnx.Rngs(params=key),
         )
-    _check_inexact(module, name, weight, "orthogonal")
-    if orthogonal_map is None:
-        orthogonal_map = F.default_orthogonal_map(_mT(weight))
-    if orthogonal_map not in ("matrix_exp", "cayley", "householder"):
-        raise ValueError(
-            'orthogonal_map has to be one of "matrix_exp", "cayley", "householder". '
-            f"Got: {orthogonal_map}"
-        )
-    key = _key(rngs)
-    link = Orthogonal(
-        weight,
-        orthogonal_map,
-        use_trivialization=use_trivialization,
-        rngs=nnx.Rngs(params=key),
-    )
-    return register_parametrization(module, name, link, unsafe=True)
+        return register_parametrization(module, name, link, unsafe=True)

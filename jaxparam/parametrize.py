@@ -477,6 +477,12 @@ class ParametrizationList(nnx.Module):
             nnx.update(self, changed)
         return value
 
+    def eval_shape(self) -> jax.ShapeDtypeStruct:
+        """The parametrized value's shape and dtype, found without running the
+        chain: no Variable changes (a power iteration's vectors stay as they are)."""
+        graphdef, state = nnx.split(self)
+        return jax.eval_shape(functools.partial(_run_chain, graphdef), state)[0]
+
     def right_inverse(self, value: Any) -> None:
         """Run the links' ``right_inverse`` in reverse order and store the result.
 
@@ -679,6 +685,17 @@ def register_parametrization(
       >>> layer.parametrizations.kernel.original.shape
       (3, 3)
     """
+    if isinstance(module, nnx.bridge.ToNNX):
+        # ToNNX hands its attributes to linen as variables on every call; a
+        # ParametrizationList cannot be one (flax then fails on every call).
+        raise ValueError(
+            f"Module 'ToNNX' wraps a linen module; its '{tensor_name}' cannot be "
+            "parametrized in NNX (ToNNX passes its attributes to linen as plain "
+            "variables on every call).\n"
+            "fix: parametrize the linen variables with jaxparam.linen (for example "
+            "jaxparam.linen.weight_norm(variables, 'params/kernel')), or build the "
+            "layer from NNX modules (nnx.Linear, nnx.Conv, ...)."
+        )
     with _transaction(module):
         _sync_training_mode(module, parametrization)
         if is_parametrized(module, tensor_name):
@@ -706,22 +723,28 @@ def register_parametrization(
             _set_class(module, base, names | {tensor_name})
             module.parametrizations[tensor_name] = plist
         else:
-            variables = ", ".join(sorted(_variables_of(module))) or "none"
-            attr = vars(module).get(tensor_name, None)
-            if tensor_name in vars(module):
-                detail = f"\nfound: an attribute of type {C.type_name(attr)}, not an nnx.Variable"
-            elif hasattr(type(module), tensor_name):
-                detail = "\nfound: a class attribute (a method or property), not an nnx.Variable"
-            else:
-                detail = ""
-            raise ValueError(
-                f"Module '{C.type_name(module)}' does not have a parameter, a buffer, or a "
-                f"parametrized element with name '{tensor_name}'{detail}\n"
-                f"Variables of the module: {variables}\n"
-                "fix: name an nnx.Variable (nnx.Param, nnx.BatchStat, ...) held directly "
-                "by this module."
-            )
+            raise _missing_tensor_error(module, tensor_name)
     return module
+
+
+def _missing_tensor_error(module: nnx.Module, tensor_name: str) -> ValueError:
+    """torch's error for a name that is neither a Variable of ``module`` nor parametrized
+    (``register_parametrization``'s, which torch's ``weight_norm`` raises too)."""
+    variables = ", ".join(sorted(_variables_of(module))) or "none"
+    attr = vars(module).get(tensor_name, None)
+    if tensor_name in vars(module):
+        detail = f"\nfound: an attribute of type {C.type_name(attr)}, not an nnx.Variable"
+    elif hasattr(type(module), tensor_name):
+        detail = "\nfound: a class attribute (a method or property), not an nnx.Variable"
+    else:
+        detail = ""
+    return ValueError(
+        f"Module '{C.type_name(module)}' does not have a parameter, a buffer, or a "
+        f"parametrized element with name '{tensor_name}'{detail}\n"
+        f"Variables of the module: {variables}\n"
+        "fix: name an nnx.Variable (nnx.Param, nnx.BatchStat, ...) held directly "
+        "by this module."
+    )
 
 
 def is_parametrized(module: nnx.Module, tensor_name: str | None = None) -> bool:
@@ -750,9 +773,11 @@ def remove_parametrizations(
     """Remove the parametrizations on ``module.<tensor_name>``.
 
     With ``leave_parametrized=True`` the Variable keeps the current parametrized
-    value (for a single original, it is the very original Variable object, so an
-    optimizer state keyed on it stays valid); with ``False`` it gets the original
-    back. After the last removal the module is of its plain class again.
+    value (for a single original, it is the very original Variable object); with
+    ``False`` it gets the original back. After the last removal the module is of
+    its plain class again. The Variable moves from
+    ``parametrizations.<name>.original`` back to ``<name>``: an ``nnx.Optimizer``
+    made before (its state follows the model's paths) must be made again.
 
     Args:
       module: the parametrized module.

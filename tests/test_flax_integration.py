@@ -417,3 +417,54 @@ def test_eager_compiled_chains_are_bounded_and_release_what_links_captured(monke
     gc.collect()
     assert len(P._compiled) == 4
     assert refs[0]() is None and refs[-1]() is not None
+
+
+@pytest.mark.parametrize("builtin", ["register", "weight_norm", "spectral_norm"])
+def test_a_tonnx_wrapper_refuses_and_keeps_working(builtin):
+    # ToNNX passes its attributes to linen as variables on every call: a
+    # parametrized one broke every later call with flax's own error.
+    from flax import linen
+
+    from jaxparam import parametrizations as PZ
+
+    x = jnp.ones((2, 4))
+    m = nnx.bridge.ToNNX(linen.Dense(3), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(m, x)
+    before = nnx.state(m, nnx.Param)
+    before = jax.tree.map(np.asarray, before)
+    register = {
+        "register": lambda: P.register_parametrization(m, "kernel", jnp.tril),
+        "weight_norm": lambda: PZ.weight_norm(m, "kernel"),
+        "spectral_norm": lambda: PZ.spectral_norm(m, "kernel"),
+    }[builtin]
+    with pytest.raises(
+        ValueError, match="fix: parametrize the linen variables with jaxparam.linen"
+    ):
+        register()
+    after = jax.tree.map(np.asarray, nnx.state(m, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    assert type(m) is nnx.bridge.ToNNX
+    assert m(x).shape == (2, 3)
+
+
+def test_spectral_norm_under_tolinen_updates_its_own_collection():
+    # flax's ToLinen names a collection after each Variable type it does not
+    # know: PowerIteration (a BatchStat subclass) gets its own (docs/builtins.md).
+    from jaxparam import parametrizations as PZ
+
+    class Net(nnx.Module):
+        def __init__(self, *, rngs):
+            self.a = PZ.spectral_norm(nnx.Linear(4, 4, rngs=rngs), rngs=rngs)
+
+        def __call__(self, x):
+            return self.a(x)
+
+    x = jnp.ones((2, 4))
+    model = nnx.bridge.ToLinen(Net)
+    v = model.init(jax.random.key(0), x)
+    assert "PowerIteration" in v
+    _, upd = model.apply(v, x, mutable=["PowerIteration"])
+    changed = jax.tree.map(
+        lambda a, b: bool(jnp.any(a != b)), upd["PowerIteration"], v["PowerIteration"]
+    )
+    assert any(jax.tree.leaves(changed))

@@ -407,6 +407,20 @@ def test_weight_norm_matches_torch_and_nnx(dim):
     )
 
 
+def test_weight_norm_missing_variable_has_torchs_message():
+    # torch's weight_norm goes straight to register_parametrization: its message
+    _, v = init_mlp()
+    with pytest.raises(ValueError) as torch_err:
+        TP.weight_norm(torch.nn.Linear(2, 2), "nope")
+    words = str(torch_err.value).split("' ", 1)[1]
+    with pytest.raises(ValueError) as ours:
+        PL.weight_norm(v, "params/Dense_0/nope")
+    assert str(ours.value).startswith(f"Module 'params/Dense_0' {words}")
+    v1, spec = PL.weight_norm(v, KERNEL)
+    with pytest.raises(ValueError, match="to append to a chain, pass its spec"):
+        PL.weight_norm(v1, KERNEL)  # parametrized, without the spec
+
+
 def test_weight_norm_default_dim_for_embedding_is_zero():
     model = nn.Embed(6, 4)
     v = model.init(jax.random.key(0), jnp.arange(3))
@@ -501,6 +515,26 @@ def test_spectral_norm_beside_batchnorm_shares_batch_stats():
     assert not np.allclose(bs["BatchNorm_0"]["mean"], v1["batch_stats"]["BatchNorm_0"]["mean"])
     old_u = v1["batch_stats"]["Dense_0"]["parametrizations"]["kernel"]["0"]["_u"]
     assert not np.array_equal(bs["Dense_0"]["parametrizations"]["kernel"]["0"]["_u"], old_u)
+
+
+def test_spectral_norm_vectors_stay_in_batch_stats_after_a_tolinen():
+    # nnx.bridge.ToLinen registers a collection named after each Variable type it
+    # does not know, for the whole process ("PowerIteration"); the vectors here
+    # went there after one, and `mutable=["batch_stats"]` failed.
+    from jaxparam.parametrizations import spectral_norm
+
+    class Net(nnx.Module):
+        def __init__(self, *, rngs):
+            self.a = spectral_norm(nnx.Linear(3, 3, rngs=rngs), rngs=rngs)
+
+        def __call__(self, x):
+            return self.a(x)
+
+    nnx.bridge.ToLinen(Net).init(jax.random.key(0), jnp.ones((1, 3)))
+    _, v = init_mlp()
+    v1, spec = PL.spectral_norm(v, KERNEL)
+    assert "_u" in v1["batch_stats"]["Dense_0"]["parametrizations"]["kernel"]["0"]
+    assert "PowerIteration" not in v1
 
 
 def test_ours_keep_the_initial_function_unlike_flax():

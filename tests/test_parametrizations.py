@@ -129,12 +129,11 @@ def test_weight_norm_missing_name():
     f = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
     t = torch.nn.Linear(5, 3)
     with pytest.raises(ValueError) as torch_err:
-        TP.spectral_norm(t, "nope")
+        TP.weight_norm(t, "nope")  # register_parametrization's message, not spectral_norm's
     with pytest.raises(ValueError) as ours:
         weight_norm(f, "nope")
-    prefix = str(torch_err.value).split("'")[0]
-    assert str(ours.value).startswith(prefix)
-    assert "has no parameter or buffer with name 'nope'" in str(ours.value)
+    words = str(torch_err.value).split("' ", 1)[1]
+    assert str(ours.value).startswith(f"Module 'Linear' {words}")
     assert type(f) is nnx.Linear
 
 
@@ -512,3 +511,50 @@ def test_builtins_append_to_an_existing_chain_like_torch():
     f.parametrizations.kernel[1]._v[...] = jnp.asarray(np_(t.parametrizations.weight[1]._v))
     for _ in range(2):
         np.testing.assert_allclose(np_(f.kernel[...]), np_(t.weight).T, atol=1e-5)
+
+
+def test_weight_norm_appended_to_spectral_norm_reads_nothing_like_torch():
+    # torch's weight_norm registers with unsafe=True and never reads the weight:
+    # the spectral norm in the chain takes no power iteration (ours took one).
+    t, f, _ = linear_pair(4, 4)
+    TP.spectral_norm(t, "weight")
+    spectral_norm(f, rngs=nnx.Rngs(0))
+    t_sn, f_sn = t.parametrizations.weight[0], f.parametrizations.kernel[0]
+    with torch.no_grad():  # far from converged, so one iteration moves them a lot
+        t_sn._u.copy_(torch.tensor([1.0, 0, 0, 0]))
+        t_sn._v.copy_(torch.tensor([0, 1.0, 0, 0]))
+    f_sn._u[...], f_sn._v[...] = jnp.asarray(np_(t_sn._u)), jnp.asarray(np_(t_sn._v))
+    TP.weight_norm(t, "weight")
+    weight_norm(f)
+    np.testing.assert_array_equal(np_(f_sn._u[...]), np_(t_sn._u))
+    np.testing.assert_array_equal(np_(f_sn._v[...]), np_(t_sn._v))
+    # weight norm takes (g, v): after another link the chain cannot run, in both
+    with pytest.raises(TypeError, match="missing 1 required positional argument"):
+        _ = t.weight
+    with pytest.raises(TypeError, match="missing 1 required positional argument"):
+        _ = f.kernel
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda m: weight_norm(m, dim=7),
+        lambda m: spectral_norm(m, dim=7),
+        lambda m: spectral_norm(m, n_power_iterations=0),
+        lambda m: orthogonal(m, orthogonal_map="bogus"),
+    ],
+    ids=["weight_norm_dim", "spectral_norm_dim", "spectral_norm_iterations", "orthogonal_map"],
+)
+def test_builtin_that_raises_leaves_a_spectral_norm_in_the_chain_as_it_was(bad):
+    # spectral_norm and orthogonal read the weight first, as torch's do (a power
+    # iteration in training mode); when their checks then fail, the module
+    # (its power-iteration vectors included) is as it was, unlike torch's.
+    f = spectral_norm(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    sn = f.parametrizations.kernel[0]
+    sn._u[...] = jnp.asarray([1.0, 0, 0, 0])
+    before = jax.tree.map(np.asarray, nnx.state(f))
+    with pytest.raises((ValueError, IndexError)):
+        bad(f)
+    after = jax.tree.map(np.asarray, nnx.state(f))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    assert len(f.parametrizations.kernel) == 1
