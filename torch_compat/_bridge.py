@@ -533,12 +533,21 @@ class NNXParametrization(_JaxLink):
     place, under ``no_grad``. ``train(mode)`` reaches the nnx module
     (``deterministic = not mode`` on submodules that have that attribute).
 
+    A typed PRNG key Variable (an ``nnx.Rngs`` stream's ``key``, e.g. in an
+    ``nnx.Dropout`` built with ``rngs=``) is stored as its raw key data
+    (``jax.random.key_data``, a ``uint32`` buffer) and rewrapped with its impl
+    inside each call; its ``count`` is an ordinary buffer, so each call in
+    training mode draws anew and ``state_dict()`` saves where the stream is.
+    Unsigned integer buffers reach JAX as the signed type of the same width
+    (a bit cast), which the bridge passes through.
+
     Args:
         module: the nnx module; its ``__call__`` takes the original tensor(s)
             and returns one array; an optional ``right_inverse`` method.
 
     Raises:
-        TypeError: if ``module`` is not an ``nnx.Module``.
+        TypeError: if ``module`` is not an ``nnx.Module``, or holds a PRNG key
+            that cannot be stored as key data (or as an ``nnx.Param``).
 
     Example:
         >>> import torch, jax.numpy as jnp
@@ -564,10 +573,86 @@ class NNXParametrization(_JaxLink):
         self._graphdef = graphdef
         p_paths, self._p_tree = jax.tree_util.tree_flatten_with_path(params)
         b_paths, self._b_tree = jax.tree_util.tree_flatten_with_path(rest)
-        self._p_names = [self._register(path, leaf, True) for path, leaf in p_paths]
-        self._b_names = [self._register(path, leaf, False) for path, leaf in b_paths]
-        self._has_inverse = callable(getattr(module, "right_inverse", None))
         self.parametrization_name = link_name(module)
+        # Checked before anything is registered: a refused key leaves no trace.
+        for path, leaf in p_paths:
+            if self._is_key(leaf):
+                raise self._key_error(path, leaf, "an nnx.Param cannot hold a PRNG key")
+        stored = [self._encode_leaf(path, leaf) for path, leaf in b_paths]
+        codecs = tuple(c for _, c in stored)
+        #: Per buffer: None, or (the unsigned JAX dtype, the key impl or None).
+        self._codecs = codecs if any(c is not None for c in codecs) else None
+        self._p_names = [self._register(path, leaf, True) for path, leaf in p_paths]
+        self._b_names = [
+            self._register(path, leaf, False)
+            for (path, _), (leaf, _) in zip(b_paths, stored, strict=True)
+        ]
+        self._has_inverse = callable(getattr(module, "right_inverse", None))
+
+    #: None: every buffer is passed as it is (no keys, no unsigned buffers).
+    _codecs: tuple[Any, ...] | None = None
+
+    # Unsigned buffers cross as the signed type of the same width (the bridge
+    # passes signed integers through; torch has few kernels for uint16/32/64).
+    _SIGNED = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+    _UNSIGNED = (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64))
+
+    @staticmethod
+    def _is_key(leaf: Any) -> bool:
+        dtype = getattr(leaf, "dtype", None)
+        return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+    def _key_error(self, path, leaf, why: str) -> TypeError:
+        return TypeError(
+            f"Cannot register the nnx parametrization `{self.parametrization_name}`: "
+            f"{why}.\n"
+            f"variable: {'.'.join(_path_names(path))}\n"
+            f"key dtype: {leaf.dtype}\n"
+            "fix: keep keys in an nnx.Rngs (or nnx.RngKey) made from a built-in impl, "
+            "e.g. `nnx.Rngs(0)` or `jax.random.key(seed, impl='threefry2x32')`; or pass "
+            "the rngs at call time (`self.dropout(w, rngs=rngs)`) instead of storing them."
+        )
+
+    def _encode_leaf(self, path, leaf) -> tuple[Any, Any]:
+        """The array a buffer stores for ``leaf``, and how to rebuild ``leaf`` from it."""
+        if self._is_key(leaf):
+            try:
+                impl = jax.random.key_impl(leaf)
+                data = jax.random.key_data(leaf)
+                ok = data.dtype == np.uint32
+                ok = ok and jax.random.wrap_key_data(data, impl=impl).dtype == leaf.dtype
+                hash(impl)
+            except Exception as e:  # any failure means: it cannot be stored
+                raise self._key_error(
+                    path, leaf, f"its PRNG key cannot be stored as key data ({e})"
+                ) from e
+            if not ok:
+                raise self._key_error(
+                    path, leaf, f"its PRNG key (impl {impl!r}) does not rebuild from its key data"
+                )
+            return data, (np.dtype(np.uint32), impl)
+        leaf = jnp.asarray(leaf)
+        if leaf.dtype in self._UNSIGNED:
+            return leaf, (leaf.dtype, None)
+        return leaf, None
+
+    @staticmethod
+    def _decode(codec: Any, a: Any) -> Any:
+        """The nnx value of a buffer from the signed array the bridge passes."""
+        if codec is None:
+            return a
+        dtype, impl = codec
+        u = jax.lax.bitcast_convert_type(a, dtype)
+        return u if impl is None else jax.random.wrap_key_data(u, impl=impl)
+
+    @staticmethod
+    def _encode(codec: Any, v: Any) -> Any:
+        """The signed array the bridge writes back for a buffer's new nnx value."""
+        dtype, impl = codec
+        if impl is not None:
+            v = jax.random.key_data(v)
+        signed = np.dtype(f"int{dtype.itemsize * 8}")
+        return jax.lax.bitcast_convert_type(jnp.asarray(v).astype(dtype), signed)
 
     def _register(self, path, leaf, is_param: bool) -> tuple[str, ...]:
         names = _path_names(path)
@@ -591,13 +676,23 @@ class NNXParametrization(_JaxLink):
         return getattr(owner, names[-1])
 
     def _jax_key(self) -> Any:
-        return self._graphdef
+        if self._codecs is None:
+            return self._graphdef
+        return (self._graphdef, self._codecs)
 
     def _jax_state(self):
-        return [self._get(n) for n in self._p_names], [self._get(n) for n in self._b_names]
+        params = [self._get(n) for n in self._p_names]
+        if self._codecs is None:
+            return params, [self._get(n) for n in self._b_names]
+        bufs = []
+        for n, codec in zip(self._b_names, self._codecs, strict=True):
+            t = self._get(n)
+            # A view: the bridge's in-place write-back lands in the buffer.
+            bufs.append(t if codec is None else t.view(self._SIGNED.get(t.dtype, t.dtype)))
+        return params, bufs
 
     def _jax_apply(self):
-        return _nnx_apply(self._graphdef, self._p_tree, self._b_tree, "__call__")
+        return _nnx_apply(self._graphdef, self._p_tree, self._b_tree, "__call__", self._codecs)
 
     def train(self, mode: bool = True) -> NNXParametrization:
         super().train(mode)
@@ -609,7 +704,9 @@ class NNXParametrization(_JaxLink):
     def right_inverse(self) -> Callable[[torch.Tensor], Any]:  # type: ignore[override]
         if not self._has_inverse:
             raise AttributeError("right_inverse")
-        apply = _nnx_apply(self._graphdef, self._p_tree, self._b_tree, "right_inverse")
+        apply = _nnx_apply(
+            self._graphdef, self._p_tree, self._b_tree, "right_inverse", self._codecs
+        )
         params, buffers = self._jax_state()
         n_p = len(params)
 
@@ -620,7 +717,7 @@ class NNXParametrization(_JaxLink):
                 *arrays[n_p + len(buffers) :],
             )[0]  # noqa: E501
 
-        inverse.__jax_key__ = ("right_inverse", self._graphdef)  # type: ignore[attr-defined]
+        inverse.__jax_key__ = ("right_inverse", self._jax_key())  # type: ignore[attr-defined]
         return lambda value: call_jax(
             inverse, *params, *buffers, value, what="`right_inverse`", key=inverse.__jax_key__
         )
@@ -632,18 +729,33 @@ class NNXParametrization(_JaxLink):
             >>> # m = p.to_nnx(); m.s[...]
         """
         p, b = ([jnp.array(to_jax(_dense(t.detach()))) for t in ts] for ts in self._jax_state())
+        if self._codecs is not None:  # keys rewrapped, unsigned buffers cast back
+            b = [self._decode(c, a) for c, a in zip(self._codecs, b, strict=True)]
         p, b = jax.tree.unflatten(self._p_tree, p), jax.tree.unflatten(self._b_tree, b)
         return nnx.merge(self._graphdef, p, b)
 
 
-def _nnx_apply(graphdef, p_tree, b_tree, method: str):
+def _nnx_apply(graphdef, p_tree, b_tree, method: str, codecs=None):
     def apply(params, buffers, *xs):
         p = jax.tree.unflatten(p_tree, params)
-        b = jax.tree.unflatten(b_tree, buffers)
+        if codecs is not None:
+            decode = NNXParametrization._decode
+            values = [decode(c, a) for c, a in zip(codecs, buffers, strict=True)]
+        else:
+            values = buffers
+        b = jax.tree.unflatten(b_tree, values)
         m = nnx.merge(graphdef, p, b)
         y = getattr(m, method)(*xs)
         _, _, new_b = nnx.split(m, nnx.Param, ...)
-        return y, jax.tree.leaves(new_b)
+        new = jax.tree.leaves(new_b)
+        if codecs is not None:
+            # An unchanged value comes back as the input itself (the bridge
+            # tells mutated buffers by identity); a changed one is re-encoded.
+            new = [
+                v if c is None else a if v is d else NNXParametrization._encode(c, v)
+                for c, a, d, v in zip(codecs, buffers, values, new, strict=True)
+            ]
+        return y, new
 
     return apply
 

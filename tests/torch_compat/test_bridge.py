@@ -499,6 +499,151 @@ def test_nnx_param_memory_is_owned_by_torch():
     assert float(module.scale[...]) == 1.0
 
 
+class DropConnect(nnx.Module):
+    """Drops weight entries: an nnx.Dropout that keeps its own rngs (a typed key)."""
+
+    def __init__(self, impl=None):
+        seed = jax.random.key(0, impl=impl) if impl else 0
+        self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(seed))
+
+    def __call__(self, w):
+        return self.drop(w)
+
+
+def _drop_linear(impl=None):
+    m = nn.Linear(3, 4)
+    P.register_parametrization(m, "weight", DropConnect(impl))
+    return m
+
+
+_KEY = "parametrizations.weight.0.drop.rngs.key"
+_COUNT = "parametrizations.weight.0.drop.rngs.count"
+
+
+def test_nnx_rng_key_is_stored_as_key_data_and_draws_anew_in_train():
+    module = DropConnect()
+    m = nn.Linear(3, 4)
+    P.register_parametrization(m, "weight", module)
+    sd = m.state_dict()
+    assert sd[_KEY].dtype == torch.uint32 and sd[_COUNT].dtype == torch.uint32
+    key_data = np.asarray(jax.random.key_data(module.drop.rngs.key[...]))
+    np.testing.assert_array_equal(sd[_KEY].numpy(), key_data)
+    link = m.parametrizations.weight[0]
+    key0, count0 = link.drop.rngs.key.clone(), int(link.drop.rngs.count)
+    original = m.parametrizations.weight.original
+    w1, w2 = m.weight, m.weight
+    assert not torch.equal(w1, w2)  # a new mask for each read
+    for w in (w1, w2):  # DropConnect: each entry dropped or scaled by 1/keep
+        kept = w != 0
+        assert 0 < kept.sum() < w.numel()
+        torch.testing.assert_close(w[kept], 2 * original.detach()[kept])
+    assert int(link.drop.rngs.count) == count0 + 2
+    assert torch.equal(link.drop.rngs.key, key0)  # the stream's key itself stays
+    m.eval()
+    assert torch.equal(m.weight, original) and torch.equal(m.weight, original)
+    assert int(link.drop.rngs.count) == count0 + 2
+    m.train()
+    assert not torch.equal(m.weight, original)
+
+
+def test_nnx_rng_state_dict_reload_and_deepcopy_reproduce_the_next_mask():
+    import io
+
+    m = _drop_linear()
+    _ = m.weight
+    saved = io.BytesIO()
+    torch.save(m.state_dict(), saved)
+    copied = copy.deepcopy(m)
+    expected = m.weight
+    other = _drop_linear()
+    saved.seek(0)
+    other.load_state_dict(torch.load(saved, weights_only=True))
+    torch.testing.assert_close(other.weight, expected)
+    torch.testing.assert_close(copied.weight, expected)
+    # the copy's stream is its own: the copy one draw ahead, the original catches up
+    ahead = copied.weight
+    assert int(copied.state_dict()[_COUNT]) == int(m.state_dict()[_COUNT]) + 1
+    torch.testing.assert_close(m.weight, ahead)
+
+
+def test_nnx_rng_gradients_flow_to_the_original_through_the_mask():
+    m = _drop_linear()
+    x = torch.randn(5, 3)
+    w = m.weight
+    y = torch.nn.functional.linear(x, w, m.bias)
+    y.sum().backward()
+    mask = (w.detach() != 0).to(torch.float32) * 2  # dropped: 0, kept: 1 / keep
+    expected = mask * x.sum(0)[None, :].expand(4, 3)
+    torch.testing.assert_close(m.parametrizations.weight.original.grad, expected)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_nnx_rng_key_impls_match_nnx_and_to_nnx_rewraps(impl):
+    # rbg and unsafe_rbg keys have the same key data shape: their compiled calls
+    # must not be shared.
+    m = _drop_linear(impl)
+    link = m.parametrizations.weight[0]
+    for _ in range(2):
+        ref = link.to_nnx()
+        assert ref.drop.rngs.key[...].dtype == jax.random.key(0, impl=impl).dtype
+        assert int(ref.drop.rngs.count[...]) == int(link.drop.rngs.count)
+        expected = ref(to_jax(m.parametrizations.weight.original.detach()))
+        torch.testing.assert_close(m.weight, torch.from_numpy(np.asarray(expected)))
+
+
+class UnsignedCounter(nnx.Module):
+    def __init__(self):
+        self.calls = nnx.Variable(jnp.array(2**32 - 2, jnp.uint32))
+
+    def __call__(self, w):
+        self.calls[...] += 1
+        return w * self.calls[...].astype(w.dtype)
+
+
+def test_nnx_unsigned_variable_is_a_buffer_written_back():
+    m = nn.Linear(3, 4)
+    P.register_parametrization(m, "weight", UnsignedCounter(), unsafe=True)
+    link = m.parametrizations.weight[0]
+    assert link.calls.dtype == torch.uint32
+    start = int(link.calls)
+    _ = m.weight
+    assert int(link.calls) == (start + 1) % 2**32
+    _ = m.weight
+    assert int(link.calls) == (start + 2) % 2**32  # wraps as uint32
+    assert int(link.to_nnx().calls[...]) == int(link.calls)
+
+
+def test_nnx_without_keys_keeps_its_plain_buffers():
+    m = _nnx_linear()
+    link = m.parametrizations.weight[0]
+    assert link._codecs is None and link._jax_key() is link._graphdef
+    assert link.calls.dtype == torch.int32
+
+
+class KeyParam(nnx.Module):
+    def __init__(self):
+        self.key = nnx.Param(jax.random.key(0))
+
+    def __call__(self, w):
+        return w
+
+
+def test_nnx_unstorable_keys_refused_at_registration_module_unchanged(monkeypatch):
+    m = nn.Linear(3, 4)
+    keys = sorted(m.state_dict())
+    with pytest.raises(TypeError, match=r"nnx.Param cannot hold a PRNG key(.|\n)*key\b"):
+        P.register_parametrization(m, "weight", KeyParam())
+    assert type(m) is nn.Linear and sorted(m.state_dict()) == keys
+
+    def refuse(data, impl=None):
+        raise ValueError(f"unknown impl {impl}")
+
+    monkeypatch.setattr(jax.random, "wrap_key_data", refuse)
+    with pytest.raises(TypeError, match=r"cannot be stored as key data(.|\n)*drop.rngs.key"):
+        P.register_parametrization(m, "weight", DropConnect())
+    assert type(m) is nn.Linear and sorted(m.state_dict()) == keys
+
+
 _SHARDED_SCRIPT = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
