@@ -12,6 +12,8 @@ axis") normalizes over the whole tensor and ``g`` is a 0-d array.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -42,12 +44,15 @@ def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def _norm_except_dim(x: jax.Array, dim: int | None) -> jax.Array:
-    sq = jnp.real(x * jnp.conj(x))
+def _sum_except_dim(x: jax.Array, dim: int | None) -> jax.Array:
     if dim is None:
-        return jnp.sqrt(jnp.sum(sq))
+        return jnp.sum(x)
     axes = tuple(i for i in range(x.ndim) if i != dim)
-    return jnp.sqrt(jnp.sum(sq, axis=axes, keepdims=True))
+    return jnp.sum(x, axis=axes, keepdims=True)
+
+
+def _norm_except_dim(x: jax.Array, dim: int | None) -> jax.Array:
+    return jnp.sqrt(_sum_except_dim(jnp.real(x * jnp.conj(x)), dim))
 
 
 def weight_norm(g: jax.Array, v: jax.Array, dim: int | None = 0) -> jax.Array:
@@ -81,8 +86,26 @@ def weight_norm(g: jax.Array, v: jax.Array, dim: int | None = 0) -> jax.Array:
     d = _canonical_dim(dim, v.ndim)
     out_dtype = jnp.result_type(v, g)
     ct = _compute_dtype(out_dtype)
-    vc, gc = v.astype(ct), g.astype(ct)
-    return (vc * (gc / _norm_except_dim(vc, d))).astype(out_dtype)
+    return _weight_norm(g.astype(ct), v.astype(ct), d).astype(out_dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _weight_norm(g: jax.Array, v: jax.Array, d: int | None) -> jax.Array:
+    return v * (g / _norm_except_dim(v, d))
+
+
+@_weight_norm.defjvp
+def _weight_norm_jvp(d, primals, tangents):
+    # JAX's own derivative of `g / n` forms n**-2, which float32 flushes to zero
+    # once a row's norm passes ~9e18 (the projection term vanished: the gradient
+    # of v was the raw cotangent). Dividing by n twice stays in range, as
+    # torch's fused backward does; the VJP is this map transposed.
+    g, v = primals
+    dg, dv = tangents
+    n = _norm_except_dim(v, d)
+    scale = g / n
+    dn = _sum_except_dim(jnp.real(jnp.conj(v) * dv), d) / n
+    return v * scale, dv * scale + v * ((dg - scale * dn) / n)
 
 
 def weight_norm_inverse(w: jax.Array, dim: int | None = 0) -> tuple[jax.Array, jax.Array]:

@@ -124,3 +124,24 @@ def test_weight_norm_torch_module_dim_none():
     g, _ = weight_norm_inverse(jnp.asarray(lin.weight.detach().numpy()), None)
     assert g.shape == tuple(g0.shape)
     np.testing.assert_allclose(g, g0.detach().numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("row_norm", [1e-15, 1.0, 1e18, 1.2e19])
+def test_weight_norm_gradient_keeps_float32_range(row_norm):
+    # JAX's own derivative of g / n forms n**-2, which float32 flushes to zero for
+    # a row norm above ~9.2e18 (and up to 1.8e19, where n**2 overflows): the
+    # gradient of v was the raw cotangent. Against torch in float64.
+    rng = np.random.default_rng(0)
+    v64 = rng.standard_normal((4, 3))
+    v64 *= row_norm / np.linalg.norm(v64, axis=1, keepdims=True)
+    g64 = np.linalg.norm(v64, axis=1, keepdims=True) * (1 + rng.random((4, 1)))
+    ct64 = rng.standard_normal((4, 3))
+    tg = torch.tensor(g64, requires_grad=True)
+    tv = torch.tensor(v64, requires_grad=True)
+    torch._weight_norm(tv, tg, 0).backward(torch.tensor(ct64))
+    f32 = [jnp.asarray(a, jnp.float32) for a in (g64, v64, ct64)]
+    _, vjp = jax.vjp(lambda g, v: weight_norm(g, v, 0), f32[0], f32[1])
+    dg, dv = vjp(f32[2])
+    for ours, theirs in ((dg, tg.grad.numpy()), (dv, tv.grad.numpy())):
+        err = np.max(np.abs(np.asarray(ours, np.float64) - theirs)) / np.max(np.abs(theirs))
+        assert err < 1e-6, err
