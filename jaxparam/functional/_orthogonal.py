@@ -207,7 +207,10 @@ def _taylor(b: jax.Array, degree: int) -> jax.Array:
 
 
 def _scaling(a: jax.Array, theta: float) -> tuple[jax.Array, jax.Array]:
-    norm = jnp.max(jnp.sum(jnp.abs(jax.lax.stop_gradient(a)), axis=-2), initial=0.0)
+    col_norms = jnp.sum(jnp.abs(jax.lax.stop_gradient(a)), axis=-2)
+    # A non-finite column (whose matrix's exp is NaN anyway) must not set the scaling
+    # of the rest of the batch (a NaN norm gave s = 0 for every matrix: inaccurate).
+    norm = jnp.max(jnp.where(jnp.isfinite(col_norms), col_norms, 0), initial=0.0)
     s = jnp.ceil(jnp.log2(norm / theta))
     s = jnp.where(jnp.isfinite(s), jnp.clip(s, 0, 64), 0).astype(jnp.int32)
     scale = jnp.exp2(-s.astype(jnp.finfo(a.dtype).dtype)).astype(a.dtype)
@@ -501,15 +504,29 @@ def _geqrf(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     diagonal is already zero. JAX has no public ``geqrf``.
     """
     n, k = a.shape[-2], a.shape[-1]
+    tau = jnp.zeros((*a.shape[:-2], k), a.dtype)
+    if k == 0:
+        # No column, no reflector (and the loop body, traced even for no step, would
+        # index an empty axis). ``n >= k``, so ``n == 0`` lands here too.
+        return a, tau
     rows = jnp.arange(n)
     cols = jnp.arange(k)
+    finfo = jnp.finfo(a.dtype)
+    # Below this max |x|, x * x underflows (losing the column, or all of it: tau = 0);
+    # above it (a non-finite sum), it overflows. Scaled there as LAPACK's dnrm2,
+    # unscaled elsewhere (the same numbers as before for ordinary columns).
+    small = float(finfo.tiny) ** 0.5 / float(finfo.eps)
 
     def body(j, carry):
         a, tau = carry
         col = jnp.take(a, j, axis=-1)
         alpha = jnp.take(col, j, axis=-1)
         x = jnp.where(rows > j, col, 0)
-        xnorm = jnp.sqrt(jnp.sum(x * x, axis=-1))
+        sumsq = jnp.sum(x * x, axis=-1)
+        xmax = jnp.max(jnp.abs(x), axis=-1)
+        xs = x / jnp.where(xmax == 0, 1, xmax)[..., None]
+        scaled = xmax * jnp.sqrt(jnp.sum(xs * xs, axis=-1))
+        xnorm = jnp.where((xmax < small) | ~jnp.isfinite(sumsq), scaled, jnp.sqrt(sumsq))
         zero = xnorm == 0
         beta = -jnp.copysign(jnp.hypot(alpha, xnorm), alpha)
         safe_beta = jnp.where(zero, 1, beta)
@@ -526,7 +543,6 @@ def _geqrf(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         tau = jnp.where(cols == j, t[..., None], tau)
         return a, tau
 
-    tau = jnp.zeros((*a.shape[:-2], k), a.dtype)
     return jax.lax.fori_loop(0, k, body, (a, tau))
 
 
@@ -589,7 +605,12 @@ def orthogonal(
         )
     if X.size == 0:
         # An empty matrix is orthogonal: torch returns it unchanged (and the maps'
-        # reductions, such as the matrix exponential's norm, have no empty case).
+        # reductions, such as the matrix exponential's norm, have no empty case), or
+        # `base @ Q`'s: the batch broadcast with base's (as torch), the dtype promoted
+        # (as below).
+        if base is not None:
+            batch = jnp.broadcast_shapes(X.shape[:-2], base.shape[:-2])
+            X = jnp.broadcast_to(X.astype(jnp.result_type(X, base)), (*batch, *X.shape[-2:]))
         return X
     # On an explicit mesh the result keeps X's sharding.
     args = (X,) if base is None else (X, base)
@@ -610,7 +631,14 @@ def _orthogonal(
         if n != k:
             Y = jnp.concatenate([Y, jnp.zeros((*Y.shape[:-1], n - k), Y.dtype)], axis=-1)
         A = Y - _mH(Y)
-        Q = matrix_exp(A) if orthogonal_map == "matrix_exp" else _cayley(A)
+        if orthogonal_map == "matrix_exp":
+            Q = matrix_exp(A)
+        else:
+            # The inverse of I - A/2 turns a non-finite A into a finite, orthogonal-looking
+            # Q (torch's solve gives NaN): make those matrices NaN. Selecting Q, not A,
+            # keeps finite inputs' gradients as they were (the NaN ones get zero).
+            finite = jnp.all(jnp.isfinite(A), axis=(-2, -1), keepdims=True)
+            Q = jnp.where(finite, _cayley(A), jnp.nan)
         if n != k:
             Q = Q[..., :k]
     else:

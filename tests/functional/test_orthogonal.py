@@ -430,3 +430,115 @@ def test_matrix_exp_reverse_mode_refuses_inside_forward_mode_ad():
         grad_fn()(a)
     # outside the context again, the custom VJP is back
     assert float(jnp.abs(grad_fn()(a)).sum()) > 0
+
+
+# --- edge cases: empty matrices, extreme scales, non-finite values ------------------------
+
+EMPTY_SHAPES = [(3, 0), (0, 3), (0, 0), (2, 3, 0), (2, 0, 3), (2, 0, 0), (0, 3, 2)]
+
+
+@pytest.mark.parametrize("use_trivialization", [False, True])
+@pytest.mark.parametrize("orthogonal_map", MAPS)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_empty_right_inverse_and_forward_as_torch(shape, orthogonal_map, use_trivialization):
+    """Torch registers a zero-size matrix with every map (householder's geqrf
+    included) and returns it; the shapes of X, base and Q are torch's."""
+    if not use_trivialization and orthogonal_map != "householder":
+        pytest.skip("torch: only householder inverts without trivialization")
+    Q = jnp.zeros(shape)
+    mod, tX = _torch_right_inverse(Q, orthogonal_map, use_trivialization)
+    X, base = orthogonal_right_inverse(
+        Q,
+        orthogonal_map=orthogonal_map,
+        use_trivialization=use_trivialization,
+        key=jax.random.key(0),
+    )
+    assert X.shape == tuple(tX.shape)
+    if use_trivialization:
+        assert base.shape == tuple(mod.base.shape)
+    else:
+        assert base is None
+    Q2 = orthogonal(X, base, orthogonal_map=orthogonal_map, use_trivialization=use_trivialization)
+    assert Q2.shape == tuple(mod(tX).shape) == shape
+
+
+def test_empty_forward_broadcasts_base_as_torch(x64):
+    # torch's `base @ Q` broadcasts a batched base against an unbatched empty X; the
+    # dtype is promoted as for a non-empty X (torch refuses mixed dtypes there).
+    mod = _Orthogonal(torch.zeros(3, 0), _OrthMaps.cayley)
+    mod.base = torch.zeros(2, 3, 3)
+    expected = mod(torch.zeros(3, 0))
+    Q = orthogonal(jnp.zeros((3, 0)), jnp.zeros((2, 3, 3)), orthogonal_map="cayley")
+    assert Q.shape == tuple(expected.shape) == (2, 3, 0)
+    X = jnp.zeros((3, 0), jnp.float32)
+    assert orthogonal(X, jnp.zeros((2, 3, 3)), orthogonal_map="cayley").dtype == jnp.float64
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [("float32", s) for s in (1e-30, 1e-15, 1.0, 1e20, 1e30)]
+    + [("float64", s) for s in (1e-300, 1e-150, 1.0, 1e150, 1e300)],
+    ids=str,
+)
+@pytest.mark.parametrize("shape", [(4, 3), (3, 5), (2, 5, 5)], ids=str)
+def test_right_inverse_householder_extreme_scales(shape, dtype, scale, x64):
+    """geqrf's column norms are scaled, as LAPACK's dnrm2: x * x neither
+    overflows to NaN nor underflows to an identity-like Q."""
+    rng = np.random.default_rng(0)
+    W = jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+    mod, tX = _torch_right_inverse(W, "householder", False)
+    X, _ = orthogonal_right_inverse(W, orthogonal_map="householder", use_trivialization=False)
+    # X holds R above the diagonal (of the input's scale), reflectors and signs below.
+    tX = tX.numpy()
+    assert_close(X, tX, dtype, scale=max(1.0, float(np.max(np.abs(tX)))))
+    Q = orthogonal(X, orthogonal_map="householder", use_trivialization=False)
+    assert_close(Q, mod(torch.from_numpy(tX)).numpy(), dtype)
+
+
+@pytest.mark.parametrize("use_trivialization", [False, True])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("orthogonal_map", MAPS)
+@pytest.mark.parametrize("shape", [(2, 4, 3), (2, 3, 5), (2, 4, 4)], ids=str)
+def test_non_finite_in_non_finite_out(shape, orthogonal_map, value, use_trivialization):
+    """A NaN or an inf in the used part of X makes its matrix non-finite, as in
+    torch (the pattern may differ: torch's follows LAPACK's); the other matrices of
+    the batch keep their values. Cayley's inverse alone would hide an inf."""
+    rng = np.random.default_rng(0)
+    X = _randn(rng, shape, "float32")
+    base = None
+    if use_trivialization:
+        n = max(shape[-2:])
+        base = jnp.asarray(np.linalg.qr(rng.standard_normal((shape[0], n, n)))[0], jnp.float32)
+    # below the diagonal in the tall frame: every map reads it
+    bad = X.at[0, 2, 0].set(value) if shape[-2] >= shape[-1] else X.at[0, 0, 2].set(value)
+    f = functools.partial(
+        orthogonal, orthogonal_map=orthogonal_map, use_trivialization=use_trivialization
+    )
+    Q, Q_clean = f(bad, base), f(X, base)
+    assert not bool(jnp.all(jnp.isfinite(Q[0])))
+    assert_close(Q[1], Q_clean[1], "float32")
+    # torch makes it non-finite too
+    mod = _Orthogonal(
+        torch.zeros(shape),
+        getattr(_OrthMaps, orthogonal_map),
+        use_trivialization=use_trivialization,
+    )
+    if use_trivialization:
+        mod.base = torch.from_numpy(np.array(base))
+    assert not bool(torch.isfinite(mod(torch.from_numpy(np.array(bad)))[0]).all())
+
+
+def test_cayley_non_finite_gradients():
+    """The NaN selects Q, not A: finite matrices keep their gradient, a non-finite
+    one gets a finite (zero) gradient instead of NaN flowing into the others."""
+    rng = np.random.default_rng(0)
+    X = _randn(rng, (2, 4, 4), "float32")
+    bad = X.at[0, 2, 0].set(jnp.inf)
+
+    def loss(X):
+        Q = orthogonal(X, orthogonal_map="cayley", use_trivialization=False)
+        return jnp.sum(jnp.where(jnp.isfinite(Q), Q, 0) * jnp.arange(16.0).reshape(4, 4))
+
+    g, g_clean = jax.grad(loss)(bad), jax.grad(loss)(X)
+    assert bool(jnp.all(jnp.isfinite(g)))
+    assert_close(g[1], g_clean[1], "float32")
