@@ -94,8 +94,29 @@ class _Orthogonal(_bridge._JaxLink):
         if use_trivialization:
             self.register_buffer("base", None)
 
+    def _autocast(self) -> Any:
+        """The dtype torch's autocast gives ``base @ Q`` now, or ``None``.
+
+        torch's ``forward`` multiplies by ``base`` with ``@``, which autocast runs
+        in its lower precision (bfloat16 by default on CPU, float16 on CUDA) on
+        real inputs below float64; the maps themselves (``matrix_exp``, the solve,
+        ``householder_product``) are not autocast.
+        """
+        base = getattr(self, "base", None)
+        if base is None or not base.is_floating_point() or base.dtype == torch.float64:
+            return None
+        device = base.device.type
+        if not torch.is_autocast_enabled(device):
+            return None
+        return _bridge._jax_dtype(torch.get_autocast_dtype(device))
+
     def _jax_key(self) -> Any:
-        return ("torch_compat._Orthogonal", self.orthogonal_map.name, hasattr(self, "base"))
+        return (
+            "torch_compat._Orthogonal",
+            self.orthogonal_map.name,
+            hasattr(self, "base"),
+            self._autocast(),
+        )
 
     def _jax_state(self) -> tuple[list[Tensor], list[Tensor]]:
         if not hasattr(self, "base"):
@@ -106,6 +127,7 @@ class _Orthogonal(_bridge._JaxLink):
 
     def _jax_apply(self):
         name = self.orthogonal_map.name
+        autocast = self._autocast()  # as in `_jax_key`, which keys the compiled chain
 
         def apply(params, buffers, X):
             if name == "cayley" and X.dtype in (jnp.float16, jnp.bfloat16):
@@ -114,8 +136,19 @@ class _Orthogonal(_bridge._JaxLink):
                 kind = "Half" if X.dtype == jnp.float16 else "BFloat16"
                 raise NotImplementedError(f"\"lu_cpu\" not implemented for '{kind}'")
             base = buffers[0] if buffers else None
-            Q = F.orthogonal(X, base, orthogonal_map=name, use_trivialization=base is not None)
-            return Q, buffers
+            if autocast is None or not jnp.issubdtype(X.dtype, jnp.floating):
+                Q = F.orthogonal(X, base, orthogonal_map=name, use_trivialization=base is not None)
+                return Q, buffers
+            # torch's `self.base @ Q` under autocast: both cast to the autocast
+            # dtype, accumulated in float32, rounded once (the weight comes out in
+            # that dtype; its gradient is cast back to X's by the transpose).
+            Q = F.orthogonal(X, orthogonal_map=name, use_trivialization=False)
+            wide = X.shape[-2] < X.shape[-1]
+            Q = jnp.swapaxes(Q, -1, -2) if wide else Q
+            Q = jnp.matmul(
+                base.astype(autocast), Q.astype(autocast), preferred_element_type=jnp.float32
+            ).astype(autocast)
+            return (jnp.swapaxes(Q, -1, -2) if wide else Q), buffers
 
         return apply
 

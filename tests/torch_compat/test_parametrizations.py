@@ -834,3 +834,52 @@ def test_orthogonal_maps_in_half_precision(orthogonal_map, use_trivialization, d
         assert ours.dtype == expected.dtype == dtype
         if use_trivialization:  # (else exp of a large skew matrix: half rounding differs)
             torch.testing.assert_close(ours, expected, atol=2e-2, rtol=2e-2)
+
+
+AUTOCAST_CASES = [
+    # every map (and householder without the trivialization) on a wide weight, which
+    # goes through the transpose
+    *(
+        ((4, 6), torch.float32, torch.bfloat16, kw)
+        for name, kw in BUILTINS.items()
+        if name.startswith("orthogonal")
+    ),
+    # torch's default map (householder when not square, matrix_exp when square or complex)
+    ((6, 4), torch.float32, torch.bfloat16, {}),
+    ((2, 4, 4), torch.float32, torch.float16, {}),
+    ((4, 6), torch.float64, torch.bfloat16, {}),
+    ((4, 6), torch.complex64, torch.bfloat16, {}),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, autocast, builtin_kw", AUTOCAST_CASES, ids=str)
+def test_orthogonal_under_autocast_as_torch(shape, dtype, autocast, builtin_kw):
+    # torch's `base @ Q` is autocast: a real weight below float64 comes out in the
+    # autocast dtype (the maps themselves are not autocast). Values, dtype and the
+    # gradient (through the cast back) match torch's; float64, complex and
+    # use_trivialization=False keep their dtype. Outside the context, the float
+    # weight again.
+
+    def run(P):
+        torch.manual_seed(0)
+        m = nn.Module()
+        m.weight = nn.Parameter(torch.randn(*shape, dtype=dtype))
+        P.orthogonal(m, **builtin_kw)
+        original = m.parametrizations.weight.original
+        with torch.no_grad():  # away from the identity, so that every map matters
+            original.add_(0.3 * torch.randn(*shape, dtype=dtype))
+        with torch.autocast("cpu", dtype=autocast):
+            w = m.weight
+        (w.real.float() * torch.arange(w.numel()).reshape(shape)).sum().backward()
+        return w.detach(), original.grad, m.weight.dtype
+
+    (w_t, g_t, after_t), (w_c, g_c, after_c) = run(TP), run(CP)
+    assert w_c.dtype == w_t.dtype and after_c == after_t == dtype
+    assert (w_t.dtype == autocast) == (
+        dtype == torch.float32 and builtin_kw.get("use_trivialization", True)
+    )
+    tol = 1e-2 if w_t.dtype in HALF else TOL[dtype]
+    torch.testing.assert_close(w_c, w_t, atol=tol, rtol=tol)
+    # gradients reach ~|sum of weights| (hundreds): relative above 1
+    scale = max(1.0, g_t.abs().max().item())
+    torch.testing.assert_close(g_c, g_t, atol=tol * scale, rtol=tol)
