@@ -71,6 +71,40 @@ def _none_at_matmul() -> TypeError:
     return TypeError("unsupported operand type(s) for @: 'NoneType' and 'Tensor'")
 
 
+#: torch's names of the integer dtypes (``Tensor.type()``), by JAX dtype name.
+_INTEGER_NAMES = {
+    "bool": "Bool",
+    "uint8": "Byte",
+    "int8": "Char",
+    "int16": "Short",
+    "int32": "Int",
+    "int64": "Long",
+}
+
+
+def _integer_map_error(orthogonal_map: str, dtype: Any) -> RuntimeError:
+    """What torch's ``_Orthogonal.forward`` raises on an integer or bool weight
+    (registration accepts them), from the first op of each map that refuses it."""
+    kind = _INTEGER_NAMES.get(jnp.dtype(dtype).name, str(dtype))
+    if orthogonal_map == "householder":
+        tau = _scalar_type(torch.empty(0))  # `2.0 / (1.0 + ...)`: the default dtype
+        return RuntimeError(
+            f"torch.linalg.householder_product: tau dtype {tau} does not match input dtype {kind}"
+        )
+    if kind == "Bool":  # `A = X - X.mH`
+        return RuntimeError(
+            "Subtraction, the `-` operator, with two bool tensors is not supported. "
+            "Use the `^` or `logical_xor()` operator instead."
+        )
+    if orthogonal_map == "cayley":  # `torch.add(Id, A, alpha=-0.5)`
+        return RuntimeError(
+            "For integral input tensors, argument alpha must not be a floating point number."
+        )
+    return RuntimeError(
+        f"linalg.matrix_exp: Expected a floating point or complex tensor as input. Got {kind}"
+    )
+
+
 class _Orthogonal(_bridge._JaxLink):
     """torch's ``_Orthogonal`` link; the maps are `jaxparam.functional.orthogonal`."""
 
@@ -115,21 +149,27 @@ class _Orthogonal(_bridge._JaxLink):
             "torch_compat._Orthogonal",
             self.orthogonal_map.name,
             hasattr(self, "base"),
+            getattr(self, "base", None) is None,
             self._autocast(),
         )
 
     def _jax_state(self) -> tuple[list[Tensor], list[Tensor]]:
-        if not hasattr(self, "base"):
-            return [], []
-        if self.base is None:
-            raise _none_at_matmul()
+        if getattr(self, "base", None) is None:
+            return [], []  # (an unset base raises in `apply`, after the map's own errors)
         return [], [self.base]
 
     def _jax_apply(self):
         name = self.orthogonal_map.name
         autocast = self._autocast()  # as in `_jax_key`, which keys the compiled chain
+        unset_base = hasattr(self, "base") and self.base is None
 
         def apply(params, buffers, X):
+            # Trace time, in torch's order: the map refuses an integer weight, then
+            # `base @ Q` an unset base.
+            if not jnp.issubdtype(X.dtype, jnp.inexact):
+                raise _integer_map_error(name, X.dtype)
+            if unset_base:
+                raise _none_at_matmul()
             if name == "cayley" and X.dtype in (jnp.float16, jnp.bfloat16):
                 # torch's `linalg.solve` (LU) has no half kernel, nor has JAX's solve:
                 # raise torch's error, not JAX's (trace time, before anything runs).

@@ -767,6 +767,41 @@ def test_builtins_on_integer_buffers_register_as_torch(fn, kw, shape, dtype):
         assert ours[1].startswith(expected[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.uint8, torch.bool], ids=str)
+@pytest.mark.parametrize("use_trivialization", [True, False], ids=["triv", "notriv"])
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley", "householder"])
+@pytest.mark.parametrize("shape", [(4, 3), (3, 4)], ids=str)
+def test_orthogonal_read_of_integer_buffers_raises_as_torch(
+    shape, orthogonal_map, use_trivialization, dtype
+):
+    # torch registers orthogonal on a non-square integer buffer (its `right_inverse`
+    # leaves base unset) and on any without the trivialization; a read then fails in
+    # the map's first op, before `base @ Q`. Ours raised JAX's errors (`not inexact`,
+    # `triangular_solve does not accept`), the unset base's, or returned a float
+    # weight (cayley). A default dtype of float64 changes householder's message.
+    def outcome(P):
+        m = _buffer_module(torch.ones(shape, dtype=dtype))
+        P.orthogonal(
+            m, "weight", orthogonal_map=orthogonal_map, use_trivialization=use_trivialization
+        )
+        snap = _snapshot(m)
+        res = _outcome(lambda: m.weight)
+        _assert_unchanged(m, snap)
+        return res
+
+    expected = outcome(TP)
+    assert expected is not None and expected[0] is RuntimeError
+    assert outcome(CP) == expected
+    if orthogonal_map == "householder":
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            expected = outcome(TP)
+            assert "Double" in expected[1] and outcome(CP) == expected
+        finally:
+            torch.set_default_dtype(previous)
+
+
 HALF = [torch.float16, torch.bfloat16]
 
 
